@@ -5,8 +5,12 @@ transposed rhs, drhs via tgmm), `lax.ragged_dot` forward and backward, and a
 dense [m, k] x [k, n] matmul of the same FLOPs. Prints TFLOP/s and the ratio
 to the dense matmul. With --check it first compares the kernels against the
 jnp reference on small ragged shapes (exits non-zero on a mismatch).
+`--tilings` times several kernel tilings in the same run (one table row
+each); on a GPU the default compares the one-warpgroup kernel with the
+warp-specialised one (`gpu.WS_TILING`).
 
     python experiments/bench_grouped_matmul.py [--check] [--quick]
+        [--tilings default,128x64x128x2]
 """
 import argparse
 import functools
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_matmul import gmm, reference, tgmm
+from pallas_kernels.grouped_matmul import gmm, gpu, reference, tgmm
 
 HIDDEN, EXPERT_FFN, ROWS = 7168, 2048, 16384  # K2: 2048 tokens x top-8
 
@@ -56,7 +60,17 @@ def try_timeit(fn, *args):
     return float("nan")
 
 
-def check(backend, interpret=None):
+def parse_tilings(text):
+  """"default,128x64x128x2" -> [None, (128, 64, 128, 2)]."""
+  return [None if t == "default" else tuple(int(v) for v in t.split("x"))
+          for t in text.split(",")]
+
+
+def tiling_name(tiling):
+  return "default" if tiling is None else "x".join(map(str, tiling))
+
+
+def check(backend, tiling=None, interpret=None):
   """Kernels vs the jnp reference (fwd + grads), bf16 and f32, ragged."""
   ok = True
   key = jax.random.key(1)
@@ -76,11 +90,11 @@ def check(backend, interpret=None):
         out, vjp = jax.vjp(lambda a, b: fn(a, b, sizes, **kw), lhs, rhs)
         return (out,) + vjp(dout.astype(out.dtype))
 
-      label = (f"check {backend} {jnp.dtype(dtype).name} "
+      label = (f"check {backend} {tiling_name(tiling)} {jnp.dtype(dtype).name} "
                f"transpose={transpose_rhs} offset={offset}")
       try:
         got = jax.jit(functools.partial(
-            run, functools.partial(gmm, backend=backend,
+            run, functools.partial(gmm, backend=backend, tiling=tiling,
                                    interpret=interpret)))(lhs, rhs)
       except Exception as e:  # report every configuration, then fail
         print(f"{label}: ERROR {type(e).__name__}: {str(e)[:400]}")
@@ -98,14 +112,14 @@ def check(backend, interpret=None):
   return ok
 
 
-def bench(backend, quick):
+def bench(backend, quick, tilings):
   dtype = jnp.bfloat16
   key = jax.random.key(0)
   shapes = [("up", HIDDEN, EXPERT_FFN), ("down", EXPERT_FFN, HIDDEN)]
   cases = ([(48, "random"), (384, "skewed")] if quick else
            [(g, r) for g in (48, 384) for r in ("random", "skewed")])
   print(f"device: {jax.devices()[0].device_kind}  dtype bf16  rows {ROWS}")
-  header = ("shape", "G", "routing", "dense", "gmm", "tgmm", "rd_fwd",
+  header = ("shape", "G", "routing", "tiling", "dense", "gmm", "tgmm", "rd_fwd",
             "gmm_bwd", "rd_bwd", "gmm/dense", "bwd_speedup")
   print("|" + " | ".join(f"{h:>10}" for h in header) + "|")
   for name, k, n in shapes:
@@ -127,21 +141,22 @@ def bench(backend, quick):
       def bwd(fn, a, b):
         return jax.vjp(lambda x, y: fn(x, y, sizes), a, b)[1](dout)
 
-      ours = functools.partial(gmm, backend=backend)
       ragged = lambda a, b, s: jax.lax.ragged_dot(a, b, s)
-      grouped_t = jax.jit(
-          lambda a, d: tgmm(a, d, sizes, groups, backend=backend))
-      t_gmm = timeit(jax.jit(functools.partial(fwd, ours)), lhs, rhs)
-      t_tgmm = timeit(grouped_t, lhs, dout)
       t_rd = try_timeit(jax.jit(functools.partial(fwd, ragged)), lhs, rhs)
-      t_bwd = timeit(jax.jit(functools.partial(bwd, ours)), lhs, rhs)
       t_rd_bwd = try_timeit(jax.jit(functools.partial(bwd, ragged)), lhs, rhs)
-      cells = [name, str(groups), routing]
-      cells += [f"{flops / t / 1e12:.0f} TF/s"
-                for t in (t_dense, t_gmm, t_tgmm, t_rd)]
-      cells += [f"{2 * flops / t / 1e12:.0f} TF/s" for t in (t_bwd, t_rd_bwd)]
-      cells += [f"{t_dense / t_gmm:.2f}", f"{t_rd_bwd / t_bwd:.2f}x"]
-      print("|" + " | ".join(f"{c:>10}" for c in cells) + "|", flush=True)
+      for tiling in tilings:
+        ours = functools.partial(gmm, backend=backend, tiling=tiling)
+        grouped_t = jax.jit(lambda a, d: tgmm(a, d, sizes, groups,
+                                              backend=backend, tiling=tiling))
+        t_gmm = try_timeit(jax.jit(functools.partial(fwd, ours)), lhs, rhs)
+        t_tgmm = try_timeit(grouped_t, lhs, dout)
+        t_bwd = try_timeit(jax.jit(functools.partial(bwd, ours)), lhs, rhs)
+        cells = [name, str(groups), routing, tiling_name(tiling)]
+        cells += [f"{flops / t / 1e12:.0f} TF/s"
+                  for t in (t_dense, t_gmm, t_tgmm, t_rd)]
+        cells += [f"{2 * flops / t / 1e12:.0f} TF/s" for t in (t_bwd, t_rd_bwd)]
+        cells += [f"{t_dense / t_gmm:.2f}", f"{t_rd_bwd / t_bwd:.2f}x"]
+        print("|" + " | ".join(f"{c:>10}" for c in cells) + "|", flush=True)
 
 
 def main():
@@ -150,15 +165,22 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--backend", default="auto")
   parser.add_argument("--no-bench", action="store_true")
+  parser.add_argument("--tilings", default=None,
+                      help="comma-separated: default or TMxTKxTN[xWGS]")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0]}")
+  on_gpu = args.backend == "gpu" or (args.backend == "auto" and
+                                     jax.default_backend() == "gpu")
+  tilings = parse_tilings(args.tilings or (
+      "default," + tiling_name(gpu.WS_TILING) if on_gpu else "default"))
   ok = True
   if args.check:
     # The reference must not use TF32; the kernels' f32 path may (tol 1e-2).
     with jax.default_matmul_precision("highest"):
-      ok = check(args.backend)
+      for tiling in tilings:
+        ok &= check(args.backend, tiling)
   if not args.no_bench:
-    bench(args.backend, args.quick)
+    bench(args.backend, args.quick, tilings)
   if not ok:
     sys.exit(1)
 

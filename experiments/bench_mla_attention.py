@@ -4,7 +4,8 @@
 
 Training: causal forward and forward+backward TFLOP/s (useful FLOPs of the causal half: forward
 2*s*s/2*h*(192+128), backward 2*s*s/2*h*(3*192+2*128)) and the fraction of the bf16 dense peak.
-Decode: GB/s of latent cache read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of
+On a GPU the warp-specialised forward (`gpu.attention_forward(consumers=2)`) is timed beside the default
+(forward only; the backward is shared). Decode: GB/s of latent cache read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of
 the HBM bandwidth. --check first compares the kernels with the reference on the device.
 """
 import argparse
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mla_attention import mla_attention, mla_decode, mla_decode_paged, reference
+from pallas_kernels.mla_attention import gpu, mla_attention, mla_decode, mla_decode_paged, reference
 
 DN, DR, DV, C = 128, 64, 128, 512
 SM_SCALE = 0.1309  # K2: 192**-0.5 with the YaRN mscale
@@ -60,6 +61,13 @@ def _train_fns(backend):
   return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=range(5)))
 
 
+def _ws_forward(*args, segment_ids=None):
+  """The warp-specialised GPU forward (two consumer warpgroups)."""
+  block_q, block_k = gpu.WS_BLOCKS
+  return gpu.attention_forward(*args, segment_ids, sm_scale=SM_SCALE, causal=True, consumers=2,
+                               block_q=block_q, block_k=block_k)
+
+
 def _decode_inputs(b, n, h, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   shapes = [(b, h, C), (b, h, DR), (b, n, C), (b, n, DR)]
@@ -77,6 +85,10 @@ def check(backend, heads):
   want = jax.jit(ref)(*f32)
   print(f"check train fwd: o {rel(got[0], want[0]):.2e} lse {rel(got[1], want[1]):.2e} "
         f"max_logits {rel(got[2], want[2]):.2e}")
+  if backend == "gpu":
+    got = jax.jit(lambda *a: _ws_forward(*a, segment_ids=seg))(*args)
+    print(f"check train fwd (warp-specialised): o {rel(got[0], want[0]):.2e} "
+          f"lse {rel(got[1], want[1]):.2e} max_logits {rel(got[2], want[2]):.2e}")
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)[0].astype(jnp.float32))) + jnp.sum(fn(*a)[1])
   kern = lambda *a: mla_attention(*a, sm_scale=SM_SCALE, segment_ids=seg, backend=backend)
   g = jax.jit(jax.grad(loss(kern), argnums=range(5)))(*args)
@@ -123,6 +135,10 @@ def bench_train(backend, heads, seqs, peak_tflops):
       tflops = (flops_fwd + flops_bwd) / t_all / 1e12
       print(f"| {s} | {path} | {t_fwd * 1e3:.2f} | {flops_fwd / t_fwd / 1e12:.1f} | "
             f"{t_all * 1e3:.2f} | {tflops:.1f} | {100 * tflops / peak_tflops:.0f}% |")
+    if backend == "gpu":
+      t_ws = _time(jax.jit(_ws_forward), *args)
+      print(f"| {s} | gpu warp-specialised fwd | {t_ws * 1e3:.2f} | {flops_fwd / t_ws / 1e12:.1f} "
+            f"| | | {100 * flops_fwd / t_ws / 1e12 / peak_tflops:.0f}% (fwd) |")
 
 
 def bench_decode(backend, heads, batches, lengths, peak_gbs):

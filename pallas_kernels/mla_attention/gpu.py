@@ -9,7 +9,6 @@ q_nope k_nope^T + q_rope k_rope^T with the shared k_rope [b, s, dr] read once pe
 over heads); dk_rope is produced per head and summed over heads outside the kernel.
 The softmax runs in base 2 (exp2) with the scale folded into the logits. Inputs must be bf16 or f16.
 """
-import functools
 import math
 
 import jax
@@ -22,6 +21,11 @@ from pallas_kernels.mla_attention import common
 
 BLOCK_Q = 64
 BLOCK_K = 128
+# Warp-specialised forward (consumers=2): 64 rows per consumer, 64-key blocks, 3 stages at K2 dims.
+# It passes the interpret-mode tests and lowers for sm_90 but has not been timed on hardware;
+# bench_mla_attention.py times it beside the one-warpgroup default.
+WS_BLOCKS = (64, 64)
+SMEM_BYTES = 227 * 1024
 DQ_BLOCKS = (64, 64)  # (query rows, key rows) of the dq kernel
 DKV_BLOCKS = (64, 64)  # (query rows, key rows) of the dk/dv kernel
 MAX_CONCURRENT_STEPS = 2
@@ -84,95 +88,162 @@ def valid_tile(shape, row0, col0, causal, row_seg, col_seg, rows_are_queries):
   return valid
 
 
-def run_kernel(body, out_type, grid, grid_names, interpret, *args):
+def run_kernel(body, out_type, grid, grid_names, interpret, *args, threads=1):
+  extra = {} if threads == 1 else dict(num_threads=threads, thread_name="wg")
   return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
                       compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=interpret_arg(interpret))(*args)
+                      interpret=interpret_arg(interpret), **extra)(*args)
 
 
-def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, interpret):
+def key_blocks(seg_g, kn_g, kr_g, v_g, bi, hi, block_k):
+  """Block specs and operands streaming block_k keys of (batch bi, head hi): k_nope, the shared
+  k_rope, v, and the key segment ids when seg_g is not None."""
+  dtype = kn_g.dtype
+  in_specs = [tile_spec((block_k, kn_g.shape[-1]), lambda j: (j, 0), dtype),
+              tile_spec((block_k, kr_g.shape[-1]), lambda j: (j, 0), dtype),
+              tile_spec((block_k, v_g.shape[-1]), lambda j: (j, 0), dtype)]
+  operands = [kn_g.at[bi, :, hi], kr_g.at[bi], v_g.at[bi, :, hi]]
+  if seg_g is not None:
+    in_specs.append(plgpu.BlockSpec((block_k,), lambda j: (j,)))
+    operands.append(seg_g.at[bi])
+  return in_specs, operands
+
+
+def _online_softmax_step(t, valid, carry, p_s, v_s):
+  """One key block of the flash forward: t [rows, block_k] base-2 logits -> new (acc, m, l)."""
+  acc, m, l = carry
+  if valid is not None:
+    t = jnp.where(valid, t, common.MASK_VALUE)
+  m_new = jnp.maximum(m, t.max(axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
+  l = l * alpha + p.sum(axis=1)
+  pv = wgmma_tile(acc.shape, (stage(p_s, p), v_s))
+  return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+
+
+def _initial_carry(rows, dv):
+  return (plgpu.layout_cast(jnp.zeros((rows, dv), jnp.float32), plgpu.Layout.WGMMA),
+          plgpu.layout_cast(jnp.full((rows,), common.MASK_VALUE, jnp.float32), ROWS),
+          plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), ROWS))
+
+
+def _stage_outputs(carry, o_s, stat_s):
+  """Normalised o into o_s, natural-log lse and row maxima into stat_s[0], stat_s[1] (then commit)."""
+  acc, m, l = carry
+  has_key = m > 0.5 * common.MASK_VALUE
+  safe_l = jnp.where(has_key, l, 1.0)
+  o = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
+  o_s[...] = jnp.where(lax.broadcast_in_dim(has_key, acc.shape, [0]), o, 0.0).astype(o_s.dtype)
+  stat_s[0] = jnp.where(has_key, (m + jnp.log2(safe_l)) * LN2, 0.0)
+  stat_s[1] = jnp.where(has_key, m * LN2, common.MASK_VALUE)
+  plgpu.commit_smem()
+
+
+def _ws_depth(consumers, block_q, block_k, dn, dr, dv, itemsize):
+  """Pipeline stages of the warp-specialised forward that fit in shared memory."""
+  fixed = consumers * (block_q * (dn + dr + dv + block_k) * itemsize + 3 * block_q * 4)
+  stage_bytes = block_k * ((dn + dr + dv) * itemsize + 4)
+  depth = min(4, (SMEM_BYTES - fixed - 2048) // stage_bytes)
+  if depth < 2:
+    raise ValueError(f"gpu forward blocks (block_q={block_q}, block_k={block_k}) x {consumers} "
+                     f"consumers leave room for {depth} pipeline stages in shared memory; need 2")
+  return depth
+
+
+def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, consumers, interpret):
+  """consumers = 1: one warpgroup per CTA loads and computes a block_q-row tile. consumers = 2:
+  warp-specialised, a producer warpgroup streams the key blocks for two consumer warpgroups that
+  each own block_q rows of a 2 * block_q-row tile (their softmax overlaps the other's wgmma)."""
   b, s, h, dn = qn.shape
   dr, dv = qr.shape[-1], v.shape[-1]
   dtype = qn.dtype
   scale2 = sm_scale * LOG2E
   num_k = s // block_k
   has_seg = seg is not None
+  cta_q = consumers * block_q
+
+  def attend_step(q0, qn_s, qr_s, p_s, segq_s):
+    """The pipeline body for the rows [q0, q0 + block_q) held in qn_s / qr_s."""
+    def step(idx, kn_s, kr_s, v_s, *rest):
+      *segk, carry = rest
+      j = idx[0]
+      t = wgmma_tile((block_q, block_k), (qn_s, kn_s.T), (qr_s, kr_s.T)) * scale2
+      seg_q = plgpu.load(segq_s, layout=ROWS) if has_seg else None
+      seg_k = plgpu.load(segk[0], layout=COLS) if has_seg else None
+      valid = valid_tile((block_q, block_k), q0, j * block_k, causal, seg_q, seg_k, True)
+      return _online_softmax_step(t, valid, carry, p_s, v_s)
+    return step
+
+  def load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s, qr_s, segq_s, barrier):
+    sources = [(qn_g.at[bi, rows, hi], qn_s), (qr_g.at[bi, rows, hi], qr_s)]
+    if has_seg:
+      sources.append((seg_g.at[bi, rows], segq_s))
+    for src, dst in sources:
+      plgpu.copy_gmem_to_smem(src, dst, barrier)
+      plgpu.barrier_wait(barrier)
+
+  def write_rows(carry, o_s, stat_s, o_g, lse_g, rmax_g, bi, hi, rows):
+    _stage_outputs(carry, o_s, stat_s)
+    plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, rows, hi])
+    plgpu.copy_smem_to_gmem(stat_s.at[0], lse_g.at[bi, hi, rows])
+    plgpu.copy_smem_to_gmem(stat_s.at[1], rmax_g.at[bi, hi, rows])
+    plgpu.wait_smem_to_gmem(0)
 
   def body(*refs):
-    if has_seg:
-      seg_g, *refs = refs
+    seg_g, *refs = refs if has_seg else (None, *refs)
     qn_g, qr_g, kn_g, kr_g, v_g, o_g, lse_g, rmax_g = refs
     bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
-    q0 = qi * block_q
-    rows = pl.ds(q0, block_q)
+    steps = lax.div(qi * cta_q + cta_q + block_k - 1, block_k) if causal else num_k
+    in_specs, operands = key_blocks(seg_g, kn_g, kr_g, v_g, bi, hi, block_k)
 
     def scoped(qn_s, qr_s, o_s, p_s, segq_s, stat_s, barrier):
-      plgpu.copy_gmem_to_smem(qn_g.at[bi, rows, hi], qn_s, barrier)
-      plgpu.barrier_wait(barrier)
-      plgpu.copy_gmem_to_smem(qr_g.at[bi, rows, hi], qr_s, barrier)
-      plgpu.barrier_wait(barrier)
-      seg_q = None
-      if has_seg:
-        plgpu.copy_gmem_to_smem(seg_g.at[bi, rows], segq_s, barrier)
-        plgpu.barrier_wait(barrier)
-        seg_q = plgpu.load(segq_s, layout=ROWS)
+      if consumers == 1:
+        rows = pl.ds(qi * block_q, block_q)
+        load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s.at[0], qr_s.at[0], segq_s.at[0],
+                  barrier.at[0])
+        carry = plgpu.emit_pipeline(
+            attend_step(qi * block_q, qn_s.at[0], qr_s.at[0], p_s.at[0], segq_s.at[0]),
+            grid=(steps,), in_specs=in_specs, max_concurrent_steps=MAX_CONCURRENT_STEPS,
+            init_carry=_initial_carry(block_q, dv))(*operands)
+        write_rows(carry, o_s.at[0], stat_s.at[0], o_g, lse_g, rmax_g, bi, hi, rows)
+        return
+      wg = lax.axis_index("wg")
+      q0 = qi * cta_q + wg * block_q
+      rows = pl.ds(q0, block_q)
 
-      def step(idx, kn_s, kr_s, v_s, *rest):
-        *segk, (acc, m, l) = rest
-        j = idx[0]
-        t = wgmma_tile((block_q, block_k), (qn_s, kn_s.T), (qr_s, kr_s.T)) * scale2
-        seg_k = plgpu.load(segk[0], layout=COLS) if has_seg else None
-        valid = valid_tile((block_q, block_k), q0, j * block_k, causal, seg_q, seg_k, True)
-        if valid is not None:
-          t = jnp.where(valid, t, common.MASK_VALUE)
-        m_new = jnp.maximum(m, t.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        pv = wgmma_tile(acc.shape, (stage(p_s, p), v_s))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-        return acc, m_new, l
+      def consumer(run_pipeline):
+        load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s.at[wg], qr_s.at[wg], segq_s.at[wg],
+                  barrier.at[wg])
+        carry = run_pipeline(_initial_carry(block_q, dv))
+        write_rows(carry, o_s.at[wg], stat_s.at[wg], o_g, lse_g, rmax_g, bi, hi, rows)
 
-      in_specs = [tile_spec((block_k, dn), lambda j: (j, 0), dtype),
-                  tile_spec((block_k, dr), lambda j: (j, 0), dtype),
-                  tile_spec((block_k, dv), lambda j: (j, 0), dtype)]
-      operands = [kn_g.at[bi, :, hi], kr_g.at[bi], v_g.at[bi, :, hi]]
-      if has_seg:
-        in_specs.append(plgpu.BlockSpec((block_k,), lambda j: (j,)))
-        operands.append(seg_g.at[bi])
-      steps = lax.div(q0 + block_q + block_k - 1, block_k) if causal else num_k
-      init = (plgpu.layout_cast(jnp.zeros((block_q, dv), jnp.float32), plgpu.Layout.WGMMA),
-              plgpu.layout_cast(jnp.full((block_q,), common.MASK_VALUE, jnp.float32), ROWS),
-              plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROWS))
-      acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
-                                      max_concurrent_steps=MAX_CONCURRENT_STEPS,
-                                      init_carry=init)(*operands)
-      has_key = m > 0.5 * common.MASK_VALUE
-      safe_l = jnp.where(has_key, l, 1.0)
-      o = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
-      o_s[...] = jnp.where(lax.broadcast_in_dim(has_key, acc.shape, [0]), o, 0.0).astype(dtype)
-      stat_s[0] = jnp.where(has_key, (m + jnp.log2(safe_l)) * LN2, 0.0)
-      stat_s[1] = jnp.where(has_key, m * LN2, common.MASK_VALUE)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, rows, hi])
-      plgpu.copy_smem_to_gmem(stat_s.at[0], lse_g.at[bi, hi, rows])
-      plgpu.copy_smem_to_gmem(stat_s.at[1], rmax_g.at[bi, hi, rows])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.emit_pipeline_warp_specialized(
+          attend_step(q0, qn_s.at[wg], qr_s.at[wg], p_s.at[wg], segq_s.at[wg]),
+          grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+          num_compute_wgs=consumers,
+          max_concurrent_steps=_ws_depth(consumers, block_q, block_k, dn, dr, dv,
+                                         jnp.dtype(dtype).itemsize),
+          compute_context=consumer)(*operands)
 
+    per_consumer = lambda shape, dt, minor=None: plgpu.SMEM(
+        (consumers, *shape), dt, transforms=() if minor is None else transforms(minor, dt))
     pl.run_scoped(scoped,
-                  plgpu.SMEM((block_q, dn), dtype, transforms=transforms(dn, dtype)),
-                  plgpu.SMEM((block_q, dr), dtype, transforms=transforms(dr, dtype)),
-                  plgpu.SMEM((block_q, dv), dtype, transforms=transforms(dv, dtype)),
-                  plgpu.SMEM((block_q, block_k), dtype, transforms=transforms(block_k, dtype)),
-                  plgpu.SMEM((block_q,), jnp.int32),
-                  plgpu.SMEM((2, block_q), jnp.float32),
-                  plgpu.Barrier(num_arrivals=1))
+                  per_consumer((block_q, dn), dtype, dn),
+                  per_consumer((block_q, dr), dtype, dr),
+                  per_consumer((block_q, dv), dtype, dv),
+                  per_consumer((block_q, block_k), dtype, block_k),
+                  per_consumer((block_q,), jnp.int32),
+                  per_consumer((2, block_q), jnp.float32),
+                  plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+                  **({} if consumers == 1 else dict(collective_axes="wg")))
 
   out_type = (jax.ShapeDtypeStruct((b, s, h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, s), jnp.float32),
               jax.ShapeDtypeStruct((b, h, s), jnp.float32))
   args = ([seg] if has_seg else []) + [qn, qr, kn, kr, v]
-  return run_kernel(body, out_type, (b, h, s // block_q), ("batch", "heads", "q"), interpret, *args)
+  return run_kernel(body, out_type, (b, h, s // cta_q), ("batch", "heads", "q"), interpret, *args,
+                    threads=1 if consumers == 1 else consumers + 1)
 
 
 def _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
@@ -188,13 +259,19 @@ def _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
 
 
 def attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, sm_scale, causal,
-                      interpret=False, block_q=BLOCK_Q, block_k=BLOCK_K):
-  """Flash forward. Shapes as in `mla_attention`; returns (o [b,s,h,dv], lse [b,h,s], max_logits [h])."""
+                      interpret=False, block_q=BLOCK_Q, block_k=BLOCK_K, consumers=1):
+  """Flash forward. Shapes as in `mla_attention`; returns (o [b,s,h,dv], lse [b,h,s], max_logits [h]).
+
+  consumers=2 runs the warp-specialised kernel (block_q rows per consumer warpgroup).
+  """
   check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
+  if consumers not in (1, 2):
+    raise ValueError(f"gpu forward consumers must be 1 or 2, got {consumers}")
   s = q_nope.shape[1]
-  _, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, block_q, block_k)
+  _, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
+                                 consumers * block_q, block_k)
   o, lse, row_max = _forward(*padded_args, seg, sm_scale=sm_scale, causal=causal, block_q=block_q,
-                             block_k=block_k, interpret=interpret)
+                             block_k=block_k, consumers=consumers, interpret=interpret)
   return o[:, :s], lse[:, :, :s], common.finalize_max_logits(row_max[:, :, :s])
 
 

@@ -12,8 +12,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention import common
-from pallas_kernels.mla_attention.gpu import (COLS, LOG2E, MAX_CONCURRENT_STEPS, ROWS, run_kernel,
-                                              stage, tile_spec, transforms, valid_tile, wgmma_tile)
+from pallas_kernels.mla_attention.gpu import (COLS, LOG2E, MAX_CONCURRENT_STEPS, ROWS, key_blocks,
+                                              run_kernel, stage, tile_spec, transforms, valid_tile,
+                                              wgmma_tile)
 
 
 def _smem(shape, dtype):
@@ -66,13 +67,7 @@ def _dq(qn, qr, kn, kr, v, seg, do, lse2, delta, *, sm_scale, causal, block_q, b
         stage(ds_s, ds)
         return dqn + wgmma_tile(dqn.shape, (ds_s, kn_s)), dqr + wgmma_tile(dqr.shape, (ds_s, kr_s))
 
-      in_specs = [tile_spec((block_k, dn), lambda j: (j, 0), dtype),
-                  tile_spec((block_k, dr), lambda j: (j, 0), dtype),
-                  tile_spec((block_k, dv), lambda j: (j, 0), dtype)]
-      operands = [kn_g.at[bi, :, hi], kr_g.at[bi], v_g.at[bi, :, hi]]
-      if has_seg:
-        in_specs.append(plgpu.BlockSpec((block_k,), lambda j: (j,)))
-        operands.append(seg_g.at[bi])
+      in_specs, operands = key_blocks(seg_g if has_seg else None, kn_g, kr_g, v_g, bi, hi, block_k)
       steps = lax.div(q0 + block_q + block_k - 1, block_k) if causal else s // block_k
       dqn, dqr = plgpu.emit_pipeline(
           step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=MAX_CONCURRENT_STEPS,

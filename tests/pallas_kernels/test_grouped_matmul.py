@@ -35,6 +35,8 @@ BACKENDS = {
     "xla": dict(backend="xla"),
     "tpu": dict(backend="tpu", interpret=True, tiling=(16, 128, 128)),
     "gpu": dict(backend="gpu", interpret=True, tiling=(64, 64, 32)),
+    # warp-specialised: a producer and two consumer warpgroups (tn each)
+    "gpu_ws": dict(backend="gpu", interpret=True, tiling=(64, 64, 32, 2)),
 }
 
 
@@ -88,9 +90,10 @@ def test_gmm_fp32_matches_reference(backend, case):
   _check_forward_and_grads(case, jnp.float32, BACKENDS[backend])
 
 
+@pytest.mark.parametrize("backend", ["gpu", "gpu_ws"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_gmm_gpu_bf16_matches_reference(case):
-  _check_forward_and_grads(case, jnp.bfloat16, BACKENDS["gpu"])
+def test_gmm_gpu_bf16_matches_reference(backend, case):
+  _check_forward_and_grads(case, jnp.bfloat16, BACKENDS[backend])
 
 
 @pytest.mark.parametrize("backend", ["tpu", "xla"])
@@ -127,17 +130,20 @@ def test_tpu_kernels_with_race_detecting_interpreter():
       dict(backend="tpu", interpret=params, tiling=(16, 128, 128)))
 
 
-def test_gpu_kernels_with_race_detecting_interpreter():
-  # Two simulated SMs share the items of one output tile (ragged groups).
+@pytest.mark.parametrize("tiling", [(64, 64, 32), (64, 64, 32, 2)])
+def test_gpu_kernels_with_race_detecting_interpreter(tiling):
+  # Two simulated SMs share the items of one output tile (ragged groups);
+  # with warp specialisation two consumers also share each pipeline slot.
   params = plgpu.InterpretGPUParams(detect_races=True)
   _check_forward_and_grads(
       "ragged_with_empty", jnp.bfloat16,
-      dict(backend="gpu", interpret=params, tiling=(64, 64, 32)))
+      dict(backend="gpu", interpret=params, tiling=tiling))
 
 
 @pytest.mark.parametrize("backend,dtype", [("xla", jnp.float32),
                                            ("tpu", jnp.float32),
-                                           ("gpu", jnp.bfloat16)])
+                                           ("gpu", jnp.bfloat16),
+                                           ("gpu_ws", jnp.bfloat16)])
 def test_tgmm_writes_zeros_for_empty_groups(backend, dtype):
   lhs, _, sizes, dout, _ = _inputs("ragged_with_empty", dtype)
   out = tgmm(lhs, dout, sizes, 6, **BACKENDS[backend])
@@ -193,3 +199,7 @@ def test_bad_shapes_raise_clear_errors():
     gmm(lhs, jnp.zeros((2, 4, 3)), jnp.array([4, 2, 2]), backend="xla")
   with pytest.raises(ValueError, match="backend must be one of"):
     gmm(lhs, jnp.zeros((2, 4, 3)), jnp.array([4, 4]), backend="cuda")
+  bf16 = jnp.zeros((8, 4), jnp.bfloat16)
+  with pytest.raises(ValueError, match="wgs 1 or 2"):
+    gmm(bf16, jnp.zeros((2, 4, 3), jnp.bfloat16), jnp.array([4, 4]),
+        **dict(BACKENDS["gpu"], tiling=(64, 64, 32, 3)))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention import gpu, gpu_decode, mla_attention, mla_decode, mla_decode_paged
 from pallas_kernels.mla_attention import reference
@@ -52,6 +53,29 @@ def test_gpu_attention_forward_and_backward(causal, packed):
   want = vjp((do.astype(jnp.bfloat16).astype(jnp.float32), dlse))
   for name, g, w in zip(["q_nope", "q_rope", "k_nope", "k_rope", "v"], grads, want):
     assert _max_rel(g, w) < 2e-2, name
+
+
+@pytest.mark.parametrize("causal,packed,races", [(True, True, True), (False, False, False),
+                                                 (True, False, False)])
+def test_gpu_warp_specialised_forward(causal, packed, races):
+  """Two consumer warpgroups of 64 rows: s = 130 pads to 256 (two 128-row CTAs, the second mostly
+  padding), so a consumer sees fully masked rows and causal steps past its own rows."""
+  b, s, h, dn, dr, dv = 1, 130, 2, 64, 32, 64
+  ks = jax.random.split(jax.random.PRNGKey(3), 5)
+  args = [_bf16(ks[0], b, s, h, dn), _bf16(ks[1], b, s, h, dr), _bf16(ks[2], b, s, h, dn),
+          _bf16(ks[3], b, s, dr), _bf16(ks[4], b, s, h, dv)]
+  seg = jnp.asarray([[1] * 40 + [2] * 85 + [0] * 5], jnp.int32) if packed else None
+  o_ref, lse_ref, m_ref = reference.mla_attention_reference(*_f32(args), sm_scale=SCALE,
+                                                            segment_ids=seg, causal=causal)
+  interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
+  o, lse, max_logits = gpu.attention_forward(*args, seg, sm_scale=SCALE, causal=causal,
+                                             interpret=interpret, consumers=2, block_q=64,
+                                             block_k=64)
+  assert _max_rel(o, o_ref) < 1e-2
+  np.testing.assert_allclose(lse, lse_ref, atol=2e-2)
+  np.testing.assert_allclose(max_logits, m_ref, atol=2e-2)
+  with pytest.raises(ValueError, match="consumers must be 1 or 2"):
+    gpu.attention_forward(*args, seg, sm_scale=SCALE, causal=causal, consumers=3)
 
 
 def test_gpu_attention_rejects_fp32():
@@ -109,6 +133,22 @@ def test_gpu_training_kernels_lower_for_cuda(packed):
     return jax.grad(loss, argnums=range(5), has_aux=True)(qn, qr, kn, kr, v)
 
   _lowers_for_cuda(train, *args, seg)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_gpu_warp_specialised_forward_lowers_for_cuda(packed):
+  """The shipped WS_BLOCKS fit the SMEM budget (three pipeline stages) at K2 dims and 64 heads."""
+  sd = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  b, s, h = 1, 4096, 64
+  args = [sd(b, s, h, 128), sd(b, s, h, 64), sd(b, s, h, 128), sd(b, s, 64), sd(b, s, h, 128)]
+  seg = sd(b, s, dt=jnp.int32) if packed else None
+  block_q, block_k = gpu.WS_BLOCKS
+  _lowers_for_cuda(lambda *a: gpu.attention_forward(*a, sm_scale=0.13, causal=True, consumers=2,
+                                                    block_q=block_q, block_k=block_k),
+                   *args, seg)
+  with pytest.raises(ValueError, match="pipeline stages"):
+    jax.eval_shape(lambda *a: gpu.attention_forward(*a, sm_scale=0.13, causal=True, consumers=2,
+                                                    block_q=64, block_k=128), *args, seg)
 
 
 def test_gpu_decode_kernels_lower_for_cuda():
