@@ -5,7 +5,8 @@
 Training: causal forward and forward+backward TFLOP/s (useful FLOPs of the causal half: forward
 2*s*s/2*h*(192+128), backward 2*s*s/2*h*(3*192+2*128)) and the fraction of the bf16 dense peak.
 On a GPU the warp-specialised forward (`gpu.attention_forward(consumers=2)`) is timed beside the default
-(forward only; the backward is shared). Decode: GB/s of latent cache read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of
+(forward only; the backward is shared), and the warp-specialised decode (`consumers=2`, one read of
+each cache block) beside the default decode. Decode: GB/s of latent cache read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of
 the HBM bandwidth. --check first compares the kernels with the reference on the device.
 """
 import argparse
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mla_attention import gpu, mla_attention, mla_decode, mla_decode_paged, reference
+from pallas_kernels.mla_attention import (gpu, gpu_decode, mla_attention, mla_decode,
+                                          mla_decode_paged, reference)
 
 DN, DR, DV, C = 128, 64, 128, 512
 SM_SCALE = 0.1309  # K2: 192**-0.5 with the YaRN mscale
@@ -103,6 +105,10 @@ def check(backend, heads):
     got = jax.jit(lambda *a: mla_decode(*a, sm_scale=SM_SCALE, backend=backend,
                                         num_splits=splits))(*dargs, lengths)
     print(f"check decode splits={splits}: {rel(got, want):.2e}")
+    if backend == "gpu":
+      got = jax.jit(lambda *a: gpu_decode.decode(*a, sm_scale=SM_SCALE, num_splits=splits,
+                                                 consumers=2))(*dargs, lengths)
+      print(f"check decode (warp-specialised) splits={splits}: {rel(got, want):.2e}")
   pages_c = dargs[2][:, :2944].reshape(-1, 64, C)
   pages_r = dargs[3][:, :2944].reshape(-1, 64, DR)
   table = jnp.asarray(np.random.RandomState(0).permutation(pages_c.shape[0]).reshape(4, -1), jnp.int32)
@@ -143,8 +149,10 @@ def bench_train(backend, heads, seqs, peak_tflops):
 
 def bench_decode(backend, heads, batches, lengths, peak_gbs):
   print(f"\n## decode, bf16, h={heads}, latent {C}+{DR}")
-  print("| batch | cache len | kernel us | kernel GB/s | % of HBM | xla us | xla GB/s |")
-  print("|---|---|---|---|---|---|---|")
+  ws = backend == "gpu"
+  print("| batch | cache len | kernel us | kernel GB/s | % of HBM | xla us | xla GB/s |"
+        + (" ws us | ws GB/s | ws % of HBM |" if ws else ""))
+  print("|---|---|---|---|---|---|---|" + ("---|---|---|" if ws else ""))
   for b in batches:
     for n in lengths:
       args = _decode_inputs(b, n, heads)
@@ -155,8 +163,13 @@ def bench_decode(backend, heads, batches, lengths, peak_gbs):
         fn = jax.jit(lambda *a, path=path: mla_decode(*a, sm_scale=SM_SCALE, backend=path))
         times[path] = _time(fn, *args, lens, iters=20)
       t, tx = times[backend], times["xla"]
-      print(f"| {b} | {n} | {t * 1e6:.1f} | {gbytes / t:.0f} | {100 * gbytes / t / peak_gbs:.0f}% | "
-            f"{tx * 1e6:.1f} | {gbytes / tx:.0f} |")
+      row = (f"| {b} | {n} | {t * 1e6:.1f} | {gbytes / t:.0f} | {100 * gbytes / t / peak_gbs:.0f}% | "
+             f"{tx * 1e6:.1f} | {gbytes / tx:.0f} |")
+      if ws:
+        fn = jax.jit(lambda *a: gpu_decode.decode(*a, sm_scale=SM_SCALE, consumers=2))
+        tw = _time(fn, *args, lens, iters=20)
+        row += f" {tw * 1e6:.1f} | {gbytes / tw:.0f} | {100 * gbytes / tw / peak_gbs:.0f}% |"
+      print(row)
 
 
 def main():

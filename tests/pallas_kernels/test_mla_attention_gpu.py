@@ -84,21 +84,26 @@ def test_gpu_attention_rejects_fp32():
     mla_attention(x, x, x, x[:, :, 0], x, sm_scale=SCALE, backend="gpu", interpret=True)
 
 
+@pytest.mark.parametrize("consumers", [1, 2])
 @pytest.mark.parametrize("n,num_splits", [(50, 1), (200, 2)])
-def test_gpu_decode_contiguous(n, num_splits):
+def test_gpu_decode_contiguous(n, num_splits, consumers):
+  """consumers=2 is the warp-specialised kernel, run under the race-detecting interpreter (it
+  also rejects barrier misuse, e.g. consumer 1 reading p without waiting for p_ready)."""
   b, h, c, dr = 3, 2, 64, 16
   ks = jax.random.split(jax.random.PRNGKey(1), 4)
   args = [_bf16(ks[0], b, h, c), _bf16(ks[1], b, h, dr), _bf16(ks[2], b, n, c),
           _bf16(ks[3], b, n, dr)]
   lengths = jnp.asarray([n, 17, 0], jnp.int32)
-  got = gpu_decode.decode(*args, lengths, sm_scale=SCALE, num_splits=num_splits, interpret=True,
-                          c_tile=32)
+  interpret = plgpu.InterpretGPUParams(detect_races=True) if consumers == 2 else True
+  got = gpu_decode.decode(*args, lengths, sm_scale=SCALE, num_splits=num_splits,
+                          interpret=interpret, c_tile=32, consumers=consumers)
   want = reference.mla_decode_reference(*_f32(args), lengths, sm_scale=SCALE)
   assert _max_rel(got, want) < 1e-2
   np.testing.assert_array_equal(np.asarray(got[2], np.float32), 0.0)
 
 
-def test_gpu_decode_paged_k2_latent():
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_gpu_decode_paged_k2_latent(consumers):
   """K2 latent width 512 + 64, pages of 64 tokens, split on."""
   b, h, c, dr, page, num_pages = 2, 4, 512, 64, 64, 6
   ks = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -106,8 +111,12 @@ def test_gpu_decode_paged_k2_latent():
   pages_c, pages_r = _bf16(ks[2], num_pages, page, c), _bf16(ks[3], num_pages, page, dr)
   table = jnp.asarray([[4, 1, 3], [0, 5, 2]], jnp.int32)
   lengths = jnp.asarray([150, 64], jnp.int32)
-  got = mla_decode_paged(ql, qr, pages_c, pages_r, table, lengths, sm_scale=SCALE, backend="gpu",
-                         interpret=True, num_splits=2)
+  got = gpu_decode.decode_paged(ql, qr, pages_c, pages_r, table, lengths, sm_scale=SCALE,
+                                interpret=True, num_splits=2, consumers=consumers)
+  if consumers == 1:  # the public entry point runs the default kernel
+    np.testing.assert_array_equal(
+        got, mla_decode_paged(ql, qr, pages_c, pages_r, table, lengths, sm_scale=SCALE,
+                              backend="gpu", interpret=True, num_splits=2))
   want = reference.mla_decode_paged_reference(*_f32([ql, qr, pages_c, pages_r]), table, lengths,
                                               sm_scale=SCALE)
   assert _max_rel(got, want) < 1e-2
@@ -160,3 +169,12 @@ def test_gpu_decode_kernels_lower_for_cuda():
   _lowers_for_cuda(lambda *a: mla_decode_paged(*a, sm_scale=0.13, backend="gpu"),
                    sd(b, h, c), sd(b, h, dr), sd(256, 64, c), sd(256, 64, dr),
                    sd(b, 64, dt=jnp.int32), lengths)
+  # The warp-specialised kernel at K2 width: three 32-token stages fit next to q.
+  _lowers_for_cuda(lambda *a: gpu_decode.decode(*a, sm_scale=0.13, num_splits=4, consumers=2),
+                   sd(b, 64, c), sd(b, 64, dr), sd(b, 4096, c), sd(b, 4096, dr), lengths)
+  _lowers_for_cuda(lambda *a: gpu_decode.decode_paged(*a, sm_scale=0.13, consumers=2),
+                   sd(b, h, c), sd(b, h, dr), sd(256, 64, c), sd(256, 64, dr),
+                   sd(b, 64, dt=jnp.int32), lengths)
+  with pytest.raises(ValueError, match="consumers must be 1 or 2"):
+    jax.eval_shape(lambda *a: gpu_decode.decode(*a, sm_scale=0.13, consumers=4),
+                   sd(b, h, c), sd(b, h, dr), sd(b, 4096, c), sd(b, 4096, dr), lengths)
