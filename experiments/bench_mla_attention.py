@@ -4,10 +4,10 @@
 
 Training: causal forward and forward+backward TFLOP/s (useful FLOPs of the causal half: forward
 2*s*s/2*h*(192+128), backward 2*s*s/2*h*(3*192+2*128)) and the fraction of the bf16 dense peak.
-On a GPU the warp-specialised forward (`gpu.attention_forward(consumers=2)`) is timed beside the default
-(forward only; the backward is shared), and the warp-specialised decode (`consumers=2`, one read of
-each cache block) beside the default decode. Decode: GB/s of latent cache read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of
-the HBM bandwidth. --check first compares the kernels with the reference on the device.
+On a GPU the warp-specialised kernels (`warp_specialized=True`: training forward and backward, and the
+decode that reads each cache block once) are timed beside the defaults. Decode: GB/s of latent cache
+read (b*n*(512+64)*2 bytes) over a batch x length sweep and the fraction of the HBM bandwidth.
+--check first compares the kernels with the reference on the device.
 """
 import argparse
 import time
@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mla_attention import (gpu, gpu_decode, mla_attention, mla_decode,
-                                          mla_decode_paged, reference)
+from pallas_kernels.mla_attention import mla_attention, mla_decode, mla_decode_paged, reference
 
 DN, DR, DV, C = 128, 64, 128, 512
 SM_SCALE = 0.1309  # K2: 192**-0.5 with the YaRN mscale
@@ -52,22 +51,16 @@ def _train_inputs(b, s, h, seed=0):
   return [jax.random.normal(k, sh, jnp.bfloat16) for k, sh in zip(ks, shapes)]
 
 
-def _train_fns(backend):
+def _train_fns(backend, warp_specialized=False):
   def fwd(*args):
-    return mla_attention(*args, sm_scale=SM_SCALE, backend=backend)
+    return mla_attention(*args, sm_scale=SM_SCALE, backend=backend,
+                         warp_specialized=warp_specialized)
 
   def loss(*args):
     o, lse, _ = fwd(*args)
     return jnp.sum(o.astype(jnp.float32))
 
   return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=range(5)))
-
-
-def _ws_forward(*args, segment_ids=None):
-  """The warp-specialised GPU forward (two consumer warpgroups)."""
-  block_q, block_k = gpu.WS_BLOCKS
-  return gpu.attention_forward(*args, segment_ids, sm_scale=SM_SCALE, causal=True, consumers=2,
-                               block_q=block_q, block_k=block_k)
 
 
 def _decode_inputs(b, n, h, seed=0):
@@ -87,16 +80,20 @@ def check(backend, heads):
   want = jax.jit(ref)(*f32)
   print(f"check train fwd: o {rel(got[0], want[0]):.2e} lse {rel(got[1], want[1]):.2e} "
         f"max_logits {rel(got[2], want[2]):.2e}")
-  if backend == "gpu":
-    got = jax.jit(lambda *a: _ws_forward(*a, segment_ids=seg))(*args)
-    print(f"check train fwd (warp-specialised): o {rel(got[0], want[0]):.2e} "
-          f"lse {rel(got[1], want[1]):.2e} max_logits {rel(got[2], want[2]):.2e}")
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)[0].astype(jnp.float32))) + jnp.sum(fn(*a)[1])
-  kern = lambda *a: mla_attention(*a, sm_scale=SM_SCALE, segment_ids=seg, backend=backend)
-  g = jax.jit(jax.grad(loss(kern), argnums=range(5)))(*args)
   w = jax.jit(jax.grad(loss(ref), argnums=range(5)))(*f32)
-  print("check train bwd: " + " ".join(f"{n} {rel(a, b):.2e}" for n, a, b in
-                                        zip(["dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv"], g, w)))
+  for warp_specialized in ((False, True) if backend == "gpu" else (False,)):
+    kern = lambda *a, ws=warp_specialized: mla_attention(*a, sm_scale=SM_SCALE, segment_ids=seg,
+                                                         backend=backend, warp_specialized=ws)
+    label = " (warp-specialised)" if warp_specialized else ""
+    if warp_specialized:
+      got = jax.jit(kern)(*args)
+      print(f"check train fwd{label}: o {rel(got[0], want[0]):.2e} lse {rel(got[1], want[1]):.2e} "
+            f"max_logits {rel(got[2], want[2]):.2e}")
+    g = jax.jit(jax.grad(loss(kern), argnums=range(5)))(*args)
+    print(f"check train bwd{label}: " + " ".join(
+        f"{n} {rel(a, b):.2e}" for n, a, b in
+        zip(["dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv"], g, w)))
   dargs = _decode_inputs(4, 3000, heads, seed=2)
   lengths = jnp.asarray([3000, 1, 777, 0], jnp.int32)
   want = reference.mla_decode_reference(*[a.astype(jnp.float32) for a in dargs], lengths,
@@ -106,8 +103,8 @@ def check(backend, heads):
                                         num_splits=splits))(*dargs, lengths)
     print(f"check decode splits={splits}: {rel(got, want):.2e}")
     if backend == "gpu":
-      got = jax.jit(lambda *a: gpu_decode.decode(*a, sm_scale=SM_SCALE, num_splits=splits,
-                                                 consumers=2))(*dargs, lengths)
+      got = jax.jit(lambda *a: mla_decode(*a, sm_scale=SM_SCALE, backend=backend, num_splits=splits,
+                                          warp_specialized=True))(*dargs, lengths)
       print(f"check decode (warp-specialised) splits={splits}: {rel(got, want):.2e}")
   pages_c = dargs[2][:, :2944].reshape(-1, 64, C)
   pages_r = dargs[3][:, :2944].reshape(-1, 64, DR)
@@ -130,21 +127,19 @@ def bench_train(backend, heads, seqs, peak_tflops):
     pairs = s * s / 2 * heads
     flops_fwd = 2 * pairs * (DN + DR + DV)
     flops_bwd = 2 * pairs * (3 * (DN + DR) + 2 * DV)
-    for path in (backend, "xla"):
-      fwd, grad = _train_fns(path)
+    paths = [(backend, False), ("xla", False)] + ([("gpu", True)] if backend == "gpu" else [])
+    for path, warp_specialized in paths:
+      fwd, grad = _train_fns(path, warp_specialized)
+      label = path + (" warp-specialised" if warp_specialized else "")
       try:
         t_fwd = _time(fwd, *args)
         t_all = _time(grad, *args)
       except Exception as e:  # e.g. the XLA path's [b, h, s, s] logits exceed the device memory
-        print(f"| {s} | {path} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
+        print(f"| {s} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} |")
         continue
       tflops = (flops_fwd + flops_bwd) / t_all / 1e12
-      print(f"| {s} | {path} | {t_fwd * 1e3:.2f} | {flops_fwd / t_fwd / 1e12:.1f} | "
+      print(f"| {s} | {label} | {t_fwd * 1e3:.2f} | {flops_fwd / t_fwd / 1e12:.1f} | "
             f"{t_all * 1e3:.2f} | {tflops:.1f} | {100 * tflops / peak_tflops:.0f}% |")
-    if backend == "gpu":
-      t_ws = _time(jax.jit(_ws_forward), *args)
-      print(f"| {s} | gpu warp-specialised fwd | {t_ws * 1e3:.2f} | {flops_fwd / t_ws / 1e12:.1f} "
-            f"| | | {100 * flops_fwd / t_ws / 1e12 / peak_tflops:.0f}% (fwd) |")
 
 
 def bench_decode(backend, heads, batches, lengths, peak_gbs):
@@ -166,7 +161,8 @@ def bench_decode(backend, heads, batches, lengths, peak_gbs):
       row = (f"| {b} | {n} | {t * 1e6:.1f} | {gbytes / t:.0f} | {100 * gbytes / t / peak_gbs:.0f}% | "
              f"{tx * 1e6:.1f} | {gbytes / tx:.0f} |")
       if ws:
-        fn = jax.jit(lambda *a: gpu_decode.decode(*a, sm_scale=SM_SCALE, consumers=2))
+        fn = jax.jit(lambda *a: mla_decode(*a, sm_scale=SM_SCALE, backend="gpu",
+                                           warp_specialized=True))
         tw = _time(fn, *args, lens, iters=20)
         row += f" {tw * 1e6:.1f} | {gbytes / tw:.0f} | {100 * gbytes / tw / peak_gbs:.0f}% |"
       print(row)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
 
 ATTENTION_IMPLS = ("xla", "pallas")
 MOE_IMPLS = ("ragged_dot", "capacity", "pallas")
@@ -112,6 +111,7 @@ class ModelConfig:
     remat_policy: str = "none"
     pallas_backend: str = "auto"      # backend of the Pallas kernels: "auto" (by platform), "tpu", "gpu", "xla"
     pallas_interpret: bool = False    # run the chosen kernel in Pallas interpret mode (CPU tests)
+    pallas_warp_specialized: bool = False  # GPU: producer + two consumer warpgroup kernels (not yet timed)
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",

@@ -51,11 +51,13 @@ def mla_decode_xla(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float):
 @dataclasses.dataclass(frozen=True)
 class DecodeAttention:
     """The attention over the cache used by decode_step: impl "xla" (mla_decode_xla) or "pallas"
-    (pallas_kernels.mla_attention.mla_decode with `backend` and `interpret`). Hashable (a jit static)."""
+    (pallas_kernels.mla_attention.mla_decode with `backend`, `interpret` and `warp_specialized`). Hashable (a jit
+    static)."""
 
     impl: str = "xla"
     backend: str = "auto"
     interpret: bool | None = None
+    warp_specialized: bool = False
 
     def __post_init__(self):
         if self.impl not in DECODE_IMPLS:
@@ -72,7 +74,7 @@ class DecodeAttention:
             return mla_decode_xla(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
         from pallas_kernels.mla_attention import mla_decode
         return mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale, backend=self.backend,
-                          interpret=self.interpret)
+                          interpret=self.interpret, warp_specialized=self.warp_specialized)
 
 
 def absorbed_attention(attn, q_nope, q_rope, c_kv, k_rope, lengths, attend: DecodeAttention):

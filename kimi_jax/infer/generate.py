@@ -73,7 +73,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     lengths = np.concatenate([lengths, lengths[-1:].repeat(extra)])
     done = np.arange(b + extra) >= b
     attend = DecodeAttention(decode_impl, cfg.pallas_backend if decode_backend is None else decode_backend,
-                             (cfg.pallas_interpret or None) if decode_interpret is None else decode_interpret)
+                             (cfg.pallas_interpret or None) if decode_interpret is None else decode_interpret,
+                             cfg.pallas_warp_specialized)
     graphdef, state = nnx.split(model)
     out_tokens, num_tokens, logits = _generate(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(done), key,

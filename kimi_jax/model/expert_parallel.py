@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from kimi_jax import sharding
 from kimi_jax.config import ModelConfig

@@ -103,7 +103,8 @@ class MLA(nnx.Module):
             from pallas_kernels.mla_attention import mla_attention
             o, _, max_logits = mla_attention(q_nope, q_rope, k_nope, k_rope, v, sm_scale=cfg.softmax_scale,
                                              segment_ids=segment_ids, backend=cfg.pallas_backend,
-                                             interpret=cfg.pallas_interpret or None)
+                                             interpret=cfg.pallas_interpret or None,
+                                             warp_specialized=cfg.pallas_warp_specialized)
         else:
             o, max_logits = mla_attention_xla(q_nope, q_rope, k_nope, k_rope, v, sm_scale=cfg.softmax_scale,
                                               segment_ids=segment_ids)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.config import ModelConfig
-from kimi_jax.model.layers import MLP, Linear, make_param
+from kimi_jax.model.layers import MLP, make_param
 
 
 def route(cfg: ModelConfig, router_logits: jax.Array, bias: jax.Array):
@@ -50,7 +50,8 @@ def expert_ffn(x, gate_proj, up_proj, down_proj, group_sizes, impl: str, cfg: Mo
     if impl == "pallas":
         from pallas_kernels.grouped_matmul import gmm
         mm = lambda a, w: gmm(a, w, group_sizes, preferred_element_type=x.dtype, backend=cfg.pallas_backend,
-                              interpret=cfg.pallas_interpret or None)
+                              interpret=cfg.pallas_interpret or None,
+                              warp_specialized=cfg.pallas_warp_specialized)
     else:
         mm = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=x.dtype)
     h = jax.nn.silu(mm(x, gate_proj)) * mm(x, up_proj)

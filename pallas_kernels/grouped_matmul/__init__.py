@@ -15,6 +15,8 @@ Backends: "xla" (`lax.ragged_dot`), "tpu" (Mosaic TPU kernels), "gpu"
 (Mosaic GPU kernels, sm_90, bf16/f16 only), "auto" (tpu on TPU, gpu on an
 sm_90 GPU for 16-bit inputs, else xla). `interpret=True` (or an `InterpretParams` / `InterpretGPUParams`
 object) runs the chosen kernel in Pallas interpret mode on any platform.
+`warp_specialized=True` makes the GPU kernels default to `gpu.WS_TILING` (a producer and two consumer
+warpgroups; not yet timed on hardware); it has no effect on the other backends.
 """
 import functools
 
@@ -87,9 +89,19 @@ def _gmm_bwd(transpose_rhs, out_dtype, backend, interpret, tiling, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def _tiling(backend: str, tiling, warp_specialized: bool):
+  if tiling is not None:
+    return tuple(tiling)
+  if backend == "gpu" and warp_specialized:
+    from pallas_kernels.grouped_matmul import gpu
+    return gpu.WS_TILING
+  return None
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
         group_offset=None, preferred_element_type=None, backend: str = "auto",
-        interpret=None, tiling: tuple[int, int, int] | None = None):
+        interpret=None, tiling: tuple[int, ...] | None = None,
+        warp_specialized: bool = False):
   """Grouped matmul, differentiable in lhs and rhs.
 
   Args:
@@ -104,7 +116,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
     backend: "auto" | "tpu" | "gpu" | "xla".
     interpret: None/False for native; True or an interpret-params object runs
       the chosen kernel in Pallas interpret mode.
-    tiling: kernel tile sizes (tm, tk, tn); None -> per-backend defaults.
+    tiling: kernel tile sizes (tm, tk, tn), on GPU also (tm, tk, tn, 2) for
+      the warp-specialised kernels; None -> per-backend defaults.
+    warp_specialized: GPU only, tiling None -> gpu.WS_TILING.
 
   Returns:
     [m, n]; zero rows outside the local window and past sum(group_sizes).
@@ -116,15 +130,16 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False,
   out_dtype = jnp.dtype(preferred_element_type or dtype)
   if group_offset is not None:
     group_offset = jnp.asarray(group_offset, jnp.int32)
+  backend = _resolve_backend(backend, dtype)
   return _gmm(lhs.astype(dtype), rhs.astype(dtype),
               group_sizes.astype(jnp.int32), group_offset, transpose_rhs,
-              out_dtype, _resolve_backend(backend, dtype), interpret,
-              None if tiling is None else tuple(tiling))
+              out_dtype, backend, interpret,
+              _tiling(backend, tiling, warp_specialized))
 
 
 def tgmm(lhs, rhs, group_sizes, num_local: int, *, group_offset=None,
          preferred_element_type=None, backend: str = "auto", interpret=None,
-         tiling: tuple[int, int, int] | None = None):
+         tiling: tuple[int, ...] | None = None, warp_specialized: bool = False):
   """Per-group lhs^T @ rhs: lhs [m, k], rhs [m, n] -> [num_local, k, n].
 
   out[l] sums over the rows of local group l (zero for empty groups); the
@@ -132,8 +147,9 @@ def tgmm(lhs, rhs, group_sizes, num_local: int, *, group_offset=None,
   weight gradient).
   """
   dtype = jnp.result_type(lhs, rhs)
-  _, tgmm_fn = _impls(_resolve_backend(backend, dtype), interpret,
-                      None if tiling is None else tuple(tiling))
+  backend = _resolve_backend(backend, dtype)
+  _, tgmm_fn = _impls(backend, interpret,
+                      _tiling(backend, tiling, warp_specialized))
   return tgmm_fn(lhs.astype(dtype), rhs.astype(dtype),
                  group_sizes.astype(jnp.int32), num_local,
                  group_offset=group_offset,

@@ -2,13 +2,14 @@
 
 Entry points (stable):
   mla_attention(q_nope [b,s,h,dn], q_rope [b,s,h,dr], k_nope [b,s,h,dn], k_rope [b,s,dr], v [b,s,h,dv], *,
-                sm_scale, segment_ids=None, causal=True, backend="auto", interpret=None)
+                sm_scale, segment_ids=None, causal=True, backend="auto", interpret=None,
+                warp_specialized=False)
       -> (o [b,s,h,dv], lse [b,h,s] fp32, max_logits [h] fp32)
   mla_decode(q_latent [b,h,c], q_rope [b,h,dr], c_kv [b,n,c], k_rope [b,n,dr], lengths [b], *, sm_scale,
-             backend="auto", interpret=None, num_splits=None) -> o_latent [b,h,c]
+             backend="auto", interpret=None, num_splits=None, warp_specialized=False) -> o_latent [b,h,c]
   mla_decode_paged(q_latent [b,h,c], q_rope [b,h,dr], c_kv_pages [p,page,c], k_rope_pages [p,page,dr],
                    block_table [b,max_pages], lengths [b], *, sm_scale, backend="auto", interpret=None,
-                   num_splits=None) -> o_latent [b,h,c]
+                   num_splits=None, warp_specialized=False) -> o_latent [b,h,c]
 
 Semantics (see reference.py): causal means key index <= query index; segment_ids int32 [b,s] restrict
 attention to equal ids, id 0 marks padding; a query row with no valid key (padding) gets o = 0, lse = 0;
@@ -19,7 +20,9 @@ the caller. Decode: positions t < lengths[b] are valid; a sequence of length 0 g
 backend: "xla" (the jnp reference), "tpu" (Pallas Mosaic TPU), "gpu" (Pallas Mosaic GPU, sm_90; bf16/f16
 inputs; paged decode needs pages of a multiple of 64 tokens), or "auto" (tpu on TPU, gpu on GPU for
 16-bit inputs, xla otherwise). interpret=True runs the chosen kernel in its interpret
-mode on any platform (pltpu.InterpretParams / plgpu.InterpretGPUParams).
+mode on any platform (pltpu.InterpretParams / plgpu.InterpretGPUParams). warp_specialized=True picks the
+GPU kernels with a producer and two consumer warpgroups (`consumers=2` in gpu.py / gpu_decode.py; not yet
+timed on hardware); it has no effect on the other backends.
 """
 import functools
 
@@ -62,25 +65,35 @@ def _decode_kernels(backend):
   return gpu_decode
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret):
+def _gpu_options(backend, warp_specialized):
+  """Keyword arguments of the GPU kernels for the warp-specialised variant (none elsewhere)."""
+  return dict(consumers=2) if backend == "gpu" and warp_specialized else {}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret,
+           warp_specialized):
   train = _train_kernels(backend)
   return train.attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale=sm_scale,
-                                 causal=causal, interpret=interpret)
+                                 causal=causal, interpret=interpret,
+                                 **_gpu_options(backend, warp_specialized))
 
 
-def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret):
-  out = _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret)
+def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret,
+               warp_specialized):
+  out = _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret,
+               warp_specialized)
   o, lse, _ = out
   return out, (q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse)
 
 
-def _flash_bwd(sm_scale, causal, backend, interpret, residuals, cotangents):
+def _flash_bwd(sm_scale, causal, backend, interpret, warp_specialized, residuals, cotangents):
   q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse = residuals
   do, dlse, _ = cotangents  # max_logits is not differentiable.
   train = _train_kernels(backend)
   grads = train.attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse,
-                                   sm_scale=sm_scale, causal=causal, interpret=interpret)
+                                   sm_scale=sm_scale, causal=causal, interpret=interpret,
+                                   **_gpu_options(backend, warp_specialized))
   return (*grads, None)
 
 
@@ -88,7 +101,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def mla_attention(q_nope, q_rope, k_nope, k_rope, v, *, sm_scale, segment_ids=None, causal=True,
-                  backend="auto", interpret=None):
+                  backend="auto", interpret=None, warp_specialized=False):
   """MLA training attention; see the module docstring for shapes and semantics."""
   common.check_attention_shapes(q_nope, q_rope, k_nope, k_rope, v, segment_ids)
   sm_scale = float(sm_scale)
@@ -97,11 +110,11 @@ def mla_attention(q_nope, q_rope, k_nope, k_rope, v, *, sm_scale, segment_ids=No
     return reference.mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, sm_scale=sm_scale,
                                              segment_ids=segment_ids, causal=causal)
   return _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, bool(causal), backend,
-                bool(interpret))
+                bool(interpret), bool(warp_specialized))
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, backend="auto", interpret=None,
-               num_splits=None):
+               num_splits=None, warp_specialized=False):
   """Absorbed-MLA decode over a contiguous latent cache; num_splits=None picks a split-KV count."""
   common.check_decode_shapes(q_latent, q_rope, c_kv, k_rope, lengths)
   backend = resolve_backend(backend, c_kv.dtype)
@@ -110,11 +123,12 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, backend="au
                                           sm_scale=float(sm_scale))
   decode = _decode_kernels(backend)
   return decode.decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
-                       num_splits=num_splits, interpret=bool(interpret))
+                       num_splits=num_splits, interpret=bool(interpret),
+                       **_gpu_options(backend, warp_specialized))
 
 
 def mla_decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, lengths, *, sm_scale,
-                     backend="auto", interpret=None, num_splits=None):
+                     backend="auto", interpret=None, num_splits=None, warp_specialized=False):
   """Absorbed-MLA decode over a paged latent cache (pages of `c_kv_pages.shape[1]` tokens).
 
   block_table[b, i] is the page holding positions [i*page, (i+1)*page) of sequence b; entries past
@@ -128,4 +142,4 @@ def mla_decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, le
   decode = _decode_kernels(backend)
   return decode.decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, lengths,
                              sm_scale=float(sm_scale), num_splits=num_splits,
-                             interpret=bool(interpret))
+                             interpret=bool(interpret), **_gpu_options(backend, warp_specialized))

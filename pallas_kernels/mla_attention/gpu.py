@@ -140,15 +140,43 @@ def _stage_outputs(carry, o_s, stat_s):
   plgpu.commit_smem()
 
 
-def _ws_depth(consumers, block_q, block_k, dn, dr, dv, itemsize):
-  """Pipeline stages of the warp-specialised forward that fit in shared memory."""
-  fixed = consumers * (block_q * (dn + dr + dv + block_k) * itemsize + 3 * block_q * 4)
-  stage_bytes = block_k * ((dn + dr + dv) * itemsize + 4)
-  depth = min(4, (SMEM_BYTES - fixed - 2048) // stage_bytes)
+def consumer_index(consumers):
+  """This warpgroup's consumer index (0 without warp specialisation)."""
+  return 0 if consumers == 1 else lax.axis_index("wg")
+
+
+def per_consumer(consumers, shape, dtype, swizzled=True):
+  """An SMEM buffer with one [*shape] slice per consumer warpgroup."""
+  return plgpu.SMEM((consumers, *shape), dtype,
+                    transforms=transforms(shape[-1], dtype) if swizzled else ())
+
+
+def scoped_per_consumer(fn, consumers, *buffers):
+  """pl.run_scoped over buffers shared by every warpgroup of the CTA."""
+  return pl.run_scoped(fn, *buffers, **({} if consumers == 1 else dict(collective_axes="wg")))
+
+
+def pipelined(step, consumer, *, in_specs, operands, steps, consumers, fixed_bytes, what):
+  """Streams `operands` block by block through `step(idx, *blocks, carry) -> carry`.
+
+  consumer(run) runs in every consumer warpgroup: it loads its own tiles, calls run(init_carry) for the
+  final carry and writes its results. consumers = 1: one warpgroup loads and computes (a TMA pipeline,
+  MAX_CONCURRENT_STEPS stages). consumers = 2: warp-specialised, a producer warpgroup issues the TMA
+  loads for two consumers; as many stages as fit in SMEM next to `fixed_bytes` (at most 4).
+  """
+  if consumers == 1:
+    return consumer(lambda init: plgpu.emit_pipeline(
+        step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=MAX_CONCURRENT_STEPS,
+        init_carry=init)(*operands))
+  stage_bytes = sum(math.prod(spec.block_shape) * op.dtype.itemsize
+                    for spec, op in zip(in_specs, operands))
+  depth = min(4, (SMEM_BYTES - fixed_bytes - 2048) // stage_bytes)
   if depth < 2:
-    raise ValueError(f"gpu forward blocks (block_q={block_q}, block_k={block_k}) x {consumers} "
-                     f"consumers leave room for {depth} pipeline stages in shared memory; need 2")
-  return depth
+    raise ValueError(f"gpu {what}: {consumers} consumers leave room for {depth} pipeline stages in "
+                     f"shared memory; need 2 (use smaller blocks)")
+  plgpu.emit_pipeline_warp_specialized(
+      step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+      num_compute_wgs=consumers, max_concurrent_steps=depth, compute_context=consumer)(*operands)
 
 
 def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, consumers, interpret):
@@ -162,6 +190,7 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
   num_k = s // block_k
   has_seg = seg is not None
   cta_q = consumers * block_q
+  itemsize = jnp.dtype(dtype).itemsize
 
   def attend_step(q0, qn_s, qr_s, p_s, segq_s):
     """The pipeline body for the rows [q0, q0 + block_q) held in qn_s / qr_s."""
@@ -198,17 +227,7 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
     in_specs, operands = key_blocks(seg_g, kn_g, kr_g, v_g, bi, hi, block_k)
 
     def scoped(qn_s, qr_s, o_s, p_s, segq_s, stat_s, barrier):
-      if consumers == 1:
-        rows = pl.ds(qi * block_q, block_q)
-        load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s.at[0], qr_s.at[0], segq_s.at[0],
-                  barrier.at[0])
-        carry = plgpu.emit_pipeline(
-            attend_step(qi * block_q, qn_s.at[0], qr_s.at[0], p_s.at[0], segq_s.at[0]),
-            grid=(steps,), in_specs=in_specs, max_concurrent_steps=MAX_CONCURRENT_STEPS,
-            init_carry=_initial_carry(block_q, dv))(*operands)
-        write_rows(carry, o_s.at[0], stat_s.at[0], o_g, lse_g, rmax_g, bi, hi, rows)
-        return
-      wg = lax.axis_index("wg")
+      wg = consumer_index(consumers)
       q0 = qi * cta_q + wg * block_q
       rows = pl.ds(q0, block_q)
 
@@ -218,25 +237,20 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
         carry = run_pipeline(_initial_carry(block_q, dv))
         write_rows(carry, o_s.at[wg], stat_s.at[wg], o_g, lse_g, rmax_g, bi, hi, rows)
 
-      plgpu.emit_pipeline_warp_specialized(
-          attend_step(q0, qn_s.at[wg], qr_s.at[wg], p_s.at[wg], segq_s.at[wg]),
-          grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-          num_compute_wgs=consumers,
-          max_concurrent_steps=_ws_depth(consumers, block_q, block_k, dn, dr, dv,
-                                         jnp.dtype(dtype).itemsize),
-          compute_context=consumer)(*operands)
+      pipelined(attend_step(q0, qn_s.at[wg], qr_s.at[wg], p_s.at[wg], segq_s.at[wg]), consumer,
+                in_specs=in_specs, operands=operands, steps=steps, consumers=consumers,
+                fixed_bytes=consumers * (block_q * (dn + dr + dv + block_k) * itemsize
+                                         + 3 * block_q * 4),
+                what=f"forward (block_q={block_q}, block_k={block_k})")
 
-    per_consumer = lambda shape, dt, minor=None: plgpu.SMEM(
-        (consumers, *shape), dt, transforms=() if minor is None else transforms(minor, dt))
-    pl.run_scoped(scoped,
-                  per_consumer((block_q, dn), dtype, dn),
-                  per_consumer((block_q, dr), dtype, dr),
-                  per_consumer((block_q, dv), dtype, dv),
-                  per_consumer((block_q, block_k), dtype, block_k),
-                  per_consumer((block_q,), jnp.int32),
-                  per_consumer((2, block_q), jnp.float32),
-                  plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
-                  **({} if consumers == 1 else dict(collective_axes="wg")))
+    scoped_per_consumer(scoped, consumers,
+                        per_consumer(consumers, (block_q, dn), dtype),
+                        per_consumer(consumers, (block_q, dr), dtype),
+                        per_consumer(consumers, (block_q, dv), dtype),
+                        per_consumer(consumers, (block_q, block_k), dtype),
+                        per_consumer(consumers, (block_q,), jnp.int32, swizzled=False),
+                        per_consumer(consumers, (2, block_q), jnp.float32, swizzled=False),
+                        plgpu.Barrier(num_arrivals=1, num_barriers=consumers))
 
   out_type = (jax.ShapeDtypeStruct((b, s, h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, s), jnp.float32),
@@ -259,14 +273,17 @@ def _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
 
 
 def attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, sm_scale, causal,
-                      interpret=False, block_q=BLOCK_Q, block_k=BLOCK_K, consumers=1):
+                      interpret=False, block_q=None, block_k=None, consumers=1):
   """Flash forward. Shapes as in `mla_attention`; returns (o [b,s,h,dv], lse [b,h,s], max_logits [h]).
 
-  consumers=2 runs the warp-specialised kernel (block_q rows per consumer warpgroup).
+  consumers=2 runs the warp-specialised kernel (block_q rows per consumer warpgroup). Blocks default
+  to (BLOCK_Q, BLOCK_K), or WS_BLOCKS when warp-specialised.
   """
   check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
   if consumers not in (1, 2):
     raise ValueError(f"gpu forward consumers must be 1 or 2, got {consumers}")
+  default_q, default_k = WS_BLOCKS if consumers == 2 else (BLOCK_Q, BLOCK_K)
+  block_q, block_k = block_q or default_q, block_k or default_k
   s = q_nope.shape[1]
   _, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
                                  consumers * block_q, block_k)
@@ -276,13 +293,20 @@ def attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, sm_scal
 
 
 def attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse, *, sm_scale,
-                       causal, interpret=False, dq_blocks=DQ_BLOCKS, dkv_blocks=DKV_BLOCKS):
-  """Flash backward. o/do [b,s,h,dv], lse/dlse [b,h,s]; returns (dq_nope, dq_rope, dk_nope, dk_rope, dv)."""
+                       causal, interpret=False, dq_blocks=DQ_BLOCKS, dkv_blocks=DKV_BLOCKS,
+                       consumers=1):
+  """Flash backward. o/do [b,s,h,dv], lse/dlse [b,h,s]; returns (dq_nope, dq_rope, dk_nope, dk_rope, dv).
+
+  consumers=2 runs both kernels warp-specialised (each consumer warpgroup owns one block of rows).
+  """
   from pallas_kernels.mla_attention import gpu_backward
   check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
+  if consumers not in (1, 2):
+    raise ValueError(f"gpu backward consumers must be 1 or 2, got {consumers}")
   s = q_nope.shape[1]
-  padded, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *dq_blocks,
-                                      *dkv_blocks)
+  padded, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
+                                      consumers * dq_blocks[0], dq_blocks[1], dkv_blocks[0],
+                                      consumers * dkv_blocks[1])
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
   rows = lambda x: common.pad_seq(x.astype(jnp.float32), padded, axis=2)
   # Base-2 statistics: p = exp2(t - lse2) with t = logits * log2(e).
@@ -290,7 +314,7 @@ def attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, d
   do_p = common.pad_seq(do.astype(q_nope.dtype), padded, axis=1)
   grads = gpu_backward.backward(*padded_args, seg, do_p, lse2, rows(delta), sm_scale=sm_scale,
                                 causal=causal, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks,
-                                interpret=interpret)
+                                consumers=consumers, interpret=interpret)
   dqn, dqr, dkn, dkr_heads, dvv = grads
   dkr = jnp.sum(dkr_heads[:, :s], axis=2).astype(k_rope.dtype)
   return dqn[:, :s], dqr[:, :s], dkn[:, :s], dkr, dvv[:, :s]

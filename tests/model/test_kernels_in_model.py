@@ -58,3 +58,25 @@ def test_pallas_grouped_matmul_under_expert_parallelism(setup):
     logits = jax.jit(lambda st: nnx.merge(graphdef, st)(ids, segment_ids=seg))(state)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(ref_logits)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_gpu_kernels_in_model_match_xla(warp_specialized):
+    """Both Mosaic GPU paths (interpret mode, bf16 compute) against the XLA path in bf16: logits and gradients
+    within bf16 rounding (the kernels change the summation order). Every token goes to all 4 experts: with top-k
+    routing, a near-tie flips under bf16 rounding noise and changes a token's experts."""
+    cfg = BASE.replace(qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, dtype="bfloat16",
+                       n_routed_experts=4, num_experts_per_tok=4)
+    params = nnx.state(kimi_jax.create_model(cfg, seed=3)).to_pure_dict()
+    ids = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
+    seg = jnp.asarray([[1] * 10 + [2] * 11 + [0] * 3, [1] * 24], jnp.int32)
+    ref_logits, ref_grads = logits_and_grads(cfg, params, ids, seg)
+    logits, grads = logits_and_grads(
+        cfg.replace(attention_impl="pallas", moe_impl="pallas", pallas_backend="gpu", pallas_interpret=True,
+                    pallas_warp_specialized=warp_specialized), params, ids, seg)
+    real = np.asarray(seg) > 0
+    ref = np.asarray(ref_logits, np.float32)[real]
+    assert np.max(np.abs(np.asarray(logits, np.float32)[real] - ref)) <= 1.5e-2 * np.max(np.abs(ref))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.max(np.abs(a - b)) <= 5e-2 * (np.max(np.abs(b)) + 1e-12), jax.tree_util.keystr(path)

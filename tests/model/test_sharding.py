@@ -9,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 
 import kimi_jax
 from kimi_jax import sharding
-from kimi_jax.model import Transformer
 
 CFG = kimi_jax.tiny()
 
