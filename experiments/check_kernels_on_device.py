@@ -1,5 +1,5 @@
 """On an accelerator: the model with the Pallas kernels (attention_impl / moe_impl = "pallas", backend "auto")
-and the XLA paths, all in bf16 compute, against the fp32 XLA model: max relative errors of logits and gradients
+and the XLA paths (on GPU also the warp-specialised kernels), all in bf16 compute, against the fp32 XLA model: max relative errors of logits and gradients
 (the kernels' errors should be those of bf16 XLA) and fwd+bwd step times.
 
     python experiments/check_kernels_on_device.py
@@ -52,8 +52,11 @@ def main():
     seg = jnp.ones(ids.shape, jnp.int32).at[:, 1500:].set(2)
     ref_logits, ref_grads, _ = run(CFG.replace(dtype="float32"), params, ids, seg)
     _, _, ref_t = run(CFG, params, ids, seg)
-    for changes in ({}, {"attention_impl": "pallas"}, {"moe_impl": "pallas"},
-                    {"attention_impl": "pallas", "moe_impl": "pallas"}):
+    variants = [{}, {"attention_impl": "pallas"}, {"moe_impl": "pallas"},
+                {"attention_impl": "pallas", "moe_impl": "pallas"}]
+    if jax.default_backend() == "gpu":
+        variants.append({"attention_impl": "pallas", "moe_impl": "pallas", "pallas_warp_specialized": True})
+    for changes in variants:
         logits, grads, t = run(CFG.replace(**changes), params, ids, seg)
         grad_err = max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
         print(f"{changes}: logits rel err {rel(logits, ref_logits):.2e}, max grad rel err {grad_err:.2e}, "
