@@ -16,13 +16,14 @@ from typing import Callable, Iterator
 
 import jax
 import ml_dtypes
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.checkpoint.safetensors_io import CheckpointReader, quantize_fp8_blocks, weight_block_size
-from kimi_jax.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, write_checkpoint
+from kimi_jax.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, write_checkpoint, write_order
 from kimi_jax.config import ModelConfig
 from kimi_jax.model.build import abstract_model
 from kimi_jax.model.transformer import Transformer
@@ -189,6 +190,15 @@ def _quantisable(name: str) -> bool:
     return name.endswith(".weight") and not any(x in name for x in FP8_EXCLUDED)
 
 
+def _fetch(array: jax.Array, idx: tuple) -> np.ndarray:
+    """array[idx] as a host array. An array spread over several processes is all-gathered: every process must
+    then fetch the same tensors in the same order."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array[idx] if idx else array))
+    part = jax.jit(lambda a: a[idx])(array) if idx else array
+    return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+
+
 def hf_tensors(model: Transformer, fp8: bool = False) -> Iterator[tuple[str, tuple, np.dtype, Callable]]:
     """(HF name, shape, dtype, producer) for every tensor of the HF checkpoint of `model`, in HF order."""
     cfg = model.cfg
@@ -202,7 +212,7 @@ def hf_tensors(model: Transformer, fp8: bool = False) -> Iterator[tuple[str, tup
             idx = (i,) if t.n_stack == 1 else divmod(i, t.shape[1]) if t.n_stack == 2 else ()
 
             def produce(array=array, idx=idx, t=t):
-                block = np.asarray(jax.device_get(array[idx] if idx else array))
+                block = _fetch(array, idx)
                 return block.T.copy() if t.transposed else block
 
             dtype = np.dtype(array.dtype)
@@ -232,12 +242,21 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
 
     fp8=True writes block-FP8 (e4m3, 128x128 blocks, `weight_scale_inv`) for the weights the released K2
     checkpoints quantise. The directory appears only when complete.
+
+    Multi-host: call it on every process. Parameters spread over processes are all-gathered one tensor at a
+    time (all processes fetch in the writer's order); process 0 writes; every process returns once the
+    directory is in place.
     """
     config = model.cfg.to_hf()
     if fp8:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
-    if jax.process_index() != 0:
-        return
-    write_checkpoint(path, hf_tensors(model, fp8=fp8), max_shard_bytes=max_shard_bytes,
-                     extra_files={"config.json": json.dumps(config, indent=2)})
+    tensors = list(hf_tensors(model, fp8=fp8))
+    if jax.process_index() == 0:
+        write_checkpoint(path, tensors, max_shard_bytes=max_shard_bytes,
+                         extra_files={"config.json": json.dumps(config, indent=2)})
+    else:
+        for spec in write_order(tensors, max_shard_bytes):
+            spec.producer()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_hf {os.fspath(path)}")

@@ -354,9 +354,20 @@ def _write_bytes(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _file_order(specs: list[_Spec]) -> list[_Spec]:
+    """The tensors of one file in layout (and write) order: decreasing itemsize, so every tensor is aligned."""
+    return sorted(specs, key=lambda s: -s.dtype.itemsize)
+
+
+def write_order(tensors: Iterable[TensorSpec], max_shard_bytes: int | None = None) -> list[_Spec]:
+    """The tensors in the order `write_checkpoint` calls their producers (`.name`, `.producer`). Processes that
+    do not write, but whose producers join collectives, call the producers in this order."""
+    return [spec for shard in _split(_specs(tensors), max_shard_bytes) for spec in _file_order(shard)]
+
+
 def _write_file(file: Path, specs: list[_Spec], metadata: dict[str, str]) -> None:
-    """One safetensors file; tensors laid out by decreasing itemsize so every tensor is aligned."""
-    specs = sorted(specs, key=lambda s: -s.dtype.itemsize)
+    """One safetensors file, tensors in `_file_order`."""
+    specs = _file_order(specs)
     header, offset = {"__metadata__": metadata} if metadata else {}, 0
     for spec in specs:
         header[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),

@@ -1,7 +1,12 @@
 """HF checkpoint export/import: bit-exact round trip, sharded import, block-FP8, errors that name the tensor."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +145,51 @@ def test_failed_export_keeps_the_previous_checkpoint(exported, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     for a, b in zip(leaves(model), leaves(kimi_jax.load_hf(target))):
         np.testing.assert_array_equal(a, b)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+MULTIHOST_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    out, port, process_id = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+    from flax import nnx
+    import kimi_jax
+    from kimi_jax import sharding
+    cfg = kimi_jax.tiny().replace(num_hidden_layers=3)
+    mesh = sharding.make_mesh(1, 4, 2, 1)  # 8 devices over both processes: nothing is on one host
+    model = kimi_jax.create_model(cfg, mesh=mesh, seed=5)
+    assert not any(x.is_fully_addressable for x in jax.tree.leaves(nnx.state(model)))
+    kimi_jax.save_hf(model, out + "/fp32", max_shard_bytes=200_000)
+    kimi_jax.save_hf(model, out + "/fp8", max_shard_bytes=200_000, fp8=True)
+    print("exported", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_multihost_export_equals_single_process(exported, tmp_path):
+    """2 processes x 4 CPU devices (gloo), parameters sharded across both: save_hf all-gathers tensor by tensor
+    in the writer's order and writes the same checkpoint as one process does (fp32 and block-FP8)."""
+    model, path = exported
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST_WORKER, str(tmp_path), str(port), str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "exported" in out, out[-3000:]
+    kimi_jax.save_hf(model, tmp_path / "fp8_single", max_shard_bytes=200_000, fp8=True)
+    for multi, single in ((tmp_path / "fp32", path), (tmp_path / "fp8", tmp_path / "fp8_single")):
+        assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
+        with CheckpointReader(multi) as a, CheckpointReader(single) as b:
+            assert a.names() == b.names() and a.scale_names() == b.scale_names()
+            for name in b.names() + b.scale_names():
+                np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
+        for file in single.iterdir():  # same bytes, so the same layout and metadata too
+            assert (multi / file.name).read_bytes() == file.read_bytes(), file.name
