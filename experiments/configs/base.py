@@ -37,6 +37,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
         "max_corpus_bytes": 8_000_000,
         "shuffle": True,
         "add_bos": True,
+        "prefetch": 2,                # batches made ahead in a background thread (0: none)
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "muonclip",           # "muonclip" or "adamw"

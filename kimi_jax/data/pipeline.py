@@ -47,6 +47,8 @@ class DataConfig:
     tokenizer: "byte" (ByteTokenizer, vocab 256) or a Kimi tiktoken.model file (or its directory).
     max_corpus_bytes: for "stdlib" / "text": keep the first files (in path order) up to this many bytes.
     num_epochs: None repeats the documents forever.
+    prefetch: batches the training loop's input produces ahead in a background thread (kimi_jax.data.prefetch;
+      0: none). Not part of the iterator state: a run may resume with another value.
     """
 
     source: str = "stdlib"
@@ -59,6 +61,7 @@ class DataConfig:
     num_epochs: int | None = None
     add_bos: bool = True
     max_corpus_bytes: int | None = None
+    prefetch: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
@@ -71,6 +74,8 @@ class DataConfig:
                 raise ValueError(f"data {name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data seed must be in [0, 2**32), got {self.seed}")
+        if self.prefetch < 0:
+            raise ValueError(f"data prefetch must be >= 0, got {self.prefetch}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"data num_epochs must be positive or None, got {self.num_epochs}")
 
@@ -141,19 +146,7 @@ class HostBatchIterator(grain.DatasetIterator):
         """get_state() holding the lanes of every process (all-gathered), so that the one copy a checkpoint
         writes restores every process, whatever their count. A collective: every process calls it at the
         same step. With one JAX process it is get_state()."""
-        import jax
-
-        state = self.get_state()
-        if jax.process_count() == 1:
-            return state
-        from jax.experimental import multihost_utils
-
-        local = np.array([[int(r), s["doc_index"], s["pairs_done"]] for r, s in state["lanes"].items()], np.int64)
-        if local.max(initial=0) >= 2**31:
-            raise ValueError(f"data iterator position {local.max()} does not fit the int32 all-gather")
-        gathered = np.asarray(multihost_utils.process_allgather(local.astype(np.int32))).reshape(-1, 3)
-        lanes = {str(r): {"doc_index": int(d), "pairs_done": int(p)} for r, d, p in gathered.tolist()}
-        return {**state, "lanes": dict(sorted(lanes.items(), key=lambda kv: int(kv[0])))}
+        return gather_lanes(self.get_state())
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -171,6 +164,24 @@ class HostBatchIterator(grain.DatasetIterator):
         for r, lane in self._lanes.items():
             lane.set_state(state["lanes"][str(r)])
         self.step = int(state["step"])
+
+
+def gather_lanes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """This process's iterator `state` with the lanes of every process (an all-gather; every process calls
+    it at the same step). With one JAX process it is `state`."""
+    import jax
+
+    state = dict(state)
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    local = np.array([[int(r), s["doc_index"], s["pairs_done"]] for r, s in state["lanes"].items()], np.int64)
+    if local.max(initial=0) >= 2**31:
+        raise ValueError(f"data iterator position {local.max()} does not fit the int32 all-gather")
+    gathered = np.asarray(multihost_utils.process_allgather(local.astype(np.int32))).reshape(-1, 3)
+    lanes = {str(r): {"doc_index": int(d), "pairs_done": int(p)} for r, d, p in gathered.tolist()}
+    return {**state, "lanes": dict(sorted(lanes.items(), key=lambda kv: int(kv[0])))}
 
 
 def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

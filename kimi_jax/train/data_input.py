@@ -6,12 +6,13 @@ import jax
 import numpy as np
 
 from kimi_jax.config import ModelConfig
-from kimi_jax.data import load_tokenizer, make_train_iterator
+from kimi_jax.data import DataConfig, Prefetcher, load_tokenizer, make_train_iterator
 from kimi_jax.infer import SamplingParams, generate
 
 
 def make_input(data_cfg, cfg: ModelConfig, *, seed: int):
-    """This process's batch iterator (dicts of [B_local, S] numpy arrays; get_state / set_state)."""
+    """This process's batch iterator (dicts of [B_local, S] numpy arrays; get_state / set_state / global_state),
+    produced `data_cfg.prefetch` batches ahead in a background thread (a Prefetcher; close() it when done)."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {data_cfg.tokenizer!r} has vocab_size {tokenizer.vocab_size} > "
@@ -19,7 +20,9 @@ def make_input(data_cfg, cfg: ModelConfig, *, seed: int):
     if data_cfg.global_batch_size % jax.process_count():
         raise ValueError(f"config.data.global_batch_size ({data_cfg.global_batch_size}) is not divisible by the "
                          f"number of processes ({jax.process_count()})")
-    return make_train_iterator(data_cfg.to_dict(), seed=seed, tokenizer=tokenizer)
+    iterator = make_train_iterator(data_cfg.to_dict(), seed=seed, tokenizer=tokenizer)
+    prefetch = DataConfig.from_any(data_cfg).prefetch
+    return Prefetcher(iterator, prefetch) if prefetch else iterator
 
 
 def sample_text(model, tokenizer, sample_cfg, *, seed: int) -> str:

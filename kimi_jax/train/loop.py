@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kimi_jax import sharding
 from kimi_jax.checkpoint.orbax_io import SigtermFlag, TrainCheckpointer
 from kimi_jax.config import PRESETS, ModelConfig, RopeScaling
+from kimi_jax.data import Prefetcher
 from kimi_jax.model import Transformer, abstract_model
 from kimi_jax.train import data_input
 from kimi_jax.train.checkpointing import save_run_config
@@ -202,6 +203,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         sigterm.uninstall()
         ckpt.close()
         writer.close()
+        if isinstance(data, Prefetcher):
+            data.close()
     summary = {"step": step, **{k: float(v) for k, v in last_metrics.items() if np.ndim(v) == 0}}
     if config.sample.max_new_tokens > 0 and step == config.steps:
         model = nnx.merge(graphdef, state.params)
