@@ -47,7 +47,7 @@ def rel(a, b):
 
 def main():
     print("device:", jax.devices()[0].device_kind)
-    params = nnx.state(kimi_jax.create_model(CFG, seed=0)).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(kimi_jax.create_model(CFG, seed=0)))
     ids = jax.random.randint(jax.random.key(0), (4, 2048), 0, CFG.vocab_size)
     seg = jnp.ones(ids.shape, jnp.int32).at[:, 1500:].set(2)
     ref_logits, ref_grads, _ = run(CFG.replace(dtype="float32"), params, ids, seg)

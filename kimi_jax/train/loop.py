@@ -79,8 +79,8 @@ def abstract_train_state(config, cfg: ModelConfig, mesh):
     graphdef, state = nnx.split(abstract_model(cfg, mesh))
     is_var = lambda x: isinstance(x, nnx.Variable)
     axes = _pure(jax.tree.map(lambda v: v.get_metadata()["axes"], state, is_leaf=is_var))
-    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
-                          sharding.state_shardings(state, mesh), is_leaf=is_var).to_pure_dict()
+    params = nnx.to_pure_dict(jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
+                                           sharding.state_shardings(state, mesh), is_leaf=is_var))
     tx, lr = make_optimizer(config.optimizer, config.steps, axes=axes,
                             shardings=jax.tree.map(lambda x: x.sharding, params))
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -94,7 +94,7 @@ def init_state(config, cfg: ModelConfig, mesh):
     graphdef, abstract, tx, lr = abstract_train_state(config, cfg, mesh)
 
     def init():
-        params = nnx.state(Transformer(cfg, nnx.Rngs(config.seed), mesh=mesh)).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(config.seed), mesh=mesh)))
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, tx.init(params), zero, zero)
 
@@ -122,7 +122,7 @@ def opt_state_shardings(tx, params, mesh):
 
 
 def _pure(axes_state) -> dict:
-    """An nnx.State of axis tuples -> nested dict with the same keys as State.to_pure_dict()."""
+    """An nnx.State of axis tuples -> nested dict with the same keys as nnx.to_pure_dict(State)."""
     out = {}
     for path, value in nnx.to_flat_state(axes_state):
         node = out

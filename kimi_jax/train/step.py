@@ -72,7 +72,7 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
         n = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
         loss = ce_sum / n
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(max_logits))
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -300,17 +300,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, num_processes):
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port, logs = free_port(), [tmp_path / f"stderr_{i}.txt" for i in range(num_processes)]
     directory = tmp_path / "checkpoints"
+    log_files = [log.open("w") for log in logs]
     procs = [subprocess.Popen(
         [sys.executable, "-c", WORKER, str(directory), str(num_processes), str(i), str(port)],
-        stdout=subprocess.PIPE, stderr=log.open("w"), env=env) for i, log in enumerate(logs)]
+        stdout=subprocess.PIPE, stderr=log_file, env=env) for i, log_file in enumerate(log_files)]
     try:
         for proc in procs:
             read_until(proc, "running", timeout=120)
         procs[0].send_signal(signal.SIGTERM)
         outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
     finally:
-        for proc in procs:
+        for proc, log_file in zip(procs, log_files):
             proc.kill()
+            proc.communicate()
+            log_file.close()
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log.read_text()[-3000:]
     lines = [out.strip().splitlines()[-1].split() for out in outputs]

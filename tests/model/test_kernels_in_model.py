@@ -27,7 +27,7 @@ def logits_and_grads(cfg, params, ids, seg):
 
 @pytest.fixture(scope="module")
 def setup():
-    params = nnx.state(kimi_jax.create_model(BASE, seed=2)).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(kimi_jax.create_model(BASE, seed=2)))
     ids = jax.random.randint(jax.random.key(0), (2, 24), 0, BASE.vocab_size)
     seg = jnp.asarray([[1] * 10 + [2] * 11 + [0] * 3, [1] * 24], jnp.int32)
     return params, ids, seg, logits_and_grads(BASE, params, ids, seg)
@@ -67,7 +67,7 @@ def test_gpu_kernels_in_model_match_xla(warp_specialized):
     routing, a near-tie flips under bf16 rounding noise and changes a token's experts."""
     cfg = BASE.replace(qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, dtype="bfloat16",
                        n_routed_experts=4, num_experts_per_tok=4)
-    params = nnx.state(kimi_jax.create_model(cfg, seed=3)).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(kimi_jax.create_model(cfg, seed=3)))
     ids = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
     seg = jnp.asarray([[1] * 10 + [2] * 11 + [0] * 3, [1] * 24], jnp.int32)
     ref_logits, ref_grads = logits_and_grads(cfg, params, ids, seg)

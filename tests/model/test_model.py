@@ -13,7 +13,7 @@ CFG = kimi_jax.tiny().replace(num_hidden_layers=3)
 
 @pytest.fixture(scope="module")
 def params_and_grads():
-    params = nnx.state(kimi_jax.create_model(CFG, seed=4)).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(kimi_jax.create_model(CFG, seed=4)))
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
     return params, ids, grads_of(CFG, params, ids)
 

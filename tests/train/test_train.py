@@ -81,7 +81,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert len(metrics.read_text().splitlines()) < 14, "the run finished before it was killed"
     run_train(tmp_path / "killed", *steps, *flags())
     straight, resumed = read_losses(tmp_path / "straight"), read_losses(tmp_path / "killed")
