@@ -1,6 +1,8 @@
 """Training throughput of the benchmark config (experiments/configs/benchmark.py): tokens/s and MFU.
 
     python experiments/bench_train.py [--steps=20] [--config=experiments/configs/benchmark.py]
+        [--config.model.attention_impl=pallas --config.model.moe_impl=pallas
+         --config.model.pallas_warp_specialized=True]
 
 Times the jitted train step in steady state (after compilation, on a batch from the real input pipeline) for
 MuonClip (Muon + QK-Clip) and for AdamW, on all local devices (data parallel), and prints a table with the ratio
@@ -32,6 +34,7 @@ def time_optimizer(config, name: str, steps: int) -> dict:
 
     config = config.copy_and_resolve_references()
     config.optimizer.name = name
+    config.data.prefetch = 0  # one batch, reused: no prefetch thread
     cfg = loop.model_config(config.model)
     mesh = loop.make_mesh(config.mesh)
     graphdef, state, tx, lr = loop.init_state(config, cfg, mesh)
