@@ -1,7 +1,9 @@
 """MLA flash attention for GPU (Pallas Mosaic GPU, sm_90): forward with lse and row maxima, backward.
 
-One warpgroup per CTA works on a 64-row tile; K/V (or Q/dO in the dk/dv kernel) stream through SMEM with a
-TMA pipeline (`plgpu.emit_pipeline`) and every product is a wgmma into fp32 registers. Probabilities and
+By default one warpgroup per CTA works on a 64-row tile; K/V (or Q/dO in the dk/dv kernel) stream through
+SMEM with a TMA pipeline (`plgpu.emit_pipeline`) and every product is a wgmma into fp32 registers. With
+`consumers=2` every kernel is warp-specialised (`pipelined`): a producer warpgroup issues the TMA loads and
+two consumer warpgroups each own one row tile of the CTA, so one's softmax overlaps the other's wgmma. Probabilities and
 logit gradients are staged through SMEM as wgmma A operands (the Mosaic GPU interpreter, which the CPU
 tests use, runs SMEM operands only). Tensors keep the
 public layout [b, s, h, d]: TMA reads strided [rows, d] tiles of one head directly. The logits are
