@@ -126,6 +126,17 @@ def _ignore(*_, **__):
   return None
 
 
+def _accumulating_consumer(acc_shape, finish):
+  """compute_context of a warp-specialised pipeline whose carry is an fp32
+  accumulator: runs the pipeline into a fresh one, then finish(its value)."""
+  def consumer(run_pipeline):
+    def scope(acc_ref):
+      run_pipeline(acc_ref)
+      return acc_ref[...]
+    finish(pl.run_scoped(scope, plgpu.ACC(acc_shape, jnp.float32)))
+  return consumer
+
+
 def _issue_row_stores(acc, o_smem, out_gmem, row0, size, tile_row0, col0):
   """Writes acc [tm, tn] to o_smem and issues the TMA stores of its rows
   [row0, row0 + size) (global rows; the tile starts at tile_row0).
@@ -266,12 +277,6 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None,
           _issue_row_stores(acc, o_smem.at[wg], out_gmem, row0, size,
                             tile_row0, ni * cta_tn + wg * tn)
 
-        def consumer(run_pipeline):
-          def scope(acc_ref):
-            run_pipeline(acc_ref)
-            return acc_ref[...]
-          store(pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.float32)))
-
         def step(_, lhs_smem, rhs_smem, acc_ref):
           plgpu.wgmma(acc_ref, lhs_smem, wg_columns(rhs_smem, wg))
           plgpu.wgmma_wait(0)
@@ -279,9 +284,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, group_offset=None,
 
         @pl.when((size > 0) & (compute_ref[i] == 1))
         def _():
-          pipeline(step, consumer)(lhs_view(tile_row0),
-                                   rhs_view(group_ref[i], ni),
-                                   allocations=allocations)
+          pipeline(step, _accumulating_consumer((tm, tn), store))(
+              lhs_view(tile_row0), rhs_view(group_ref[i], ni),
+              allocations=allocations)
 
         @pl.when((size > 0) & (compute_ref[i] == 0) & (wg < wgs))
         def _():
@@ -419,12 +424,6 @@ def tgmm(lhs, rhs, group_sizes, num_local: int, *, group_offset=None,
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           store(acc, o_smem.at[wg], out_gmem, g, ki, ni * cta_tn + wg * tn)
 
-        def consumer(run_pipeline):
-          def scope(acc_ref):
-            run_pipeline(acc_ref)
-            return acc_ref[...]
-          finish(pl.run_scoped(scope, plgpu.ACC((tk, tn), jnp.float32)))
-
         def step(idx, lhs_smem, rhs_smem, acc_ref):
           j = idx[0]
           # Each consumer masks the foreign rows in its own columns only.
@@ -442,6 +441,7 @@ def tgmm(lhs, rhs, group_sizes, num_local: int, *, group_offset=None,
 
         @pl.when(count > 0)
         def _():
+          consumer = _accumulating_consumer((tk, tn), finish)
           pipeline(first, count)(step, consumer)(
               lhs_view(ki), rhs_view(ni), allocations=allocations)
 

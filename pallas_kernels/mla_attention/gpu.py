@@ -3,12 +3,12 @@
 By default one warpgroup per CTA works on a 64-row tile; K/V (or Q/dO in the dk/dv kernel) stream through
 SMEM with a TMA pipeline (`plgpu.emit_pipeline`) and every product is a wgmma into fp32 registers. With
 `consumers=2` every kernel is warp-specialised (`pipelined`): a producer warpgroup issues the TMA loads and
-two consumer warpgroups each own one row tile of the CTA, so one's softmax overlaps the other's wgmma. Probabilities and
-logit gradients are staged through SMEM as wgmma A operands (the Mosaic GPU interpreter, which the CPU
-tests use, runs SMEM operands only). Tensors keep the
-public layout [b, s, h, d]: TMA reads strided [rows, d] tiles of one head directly. The logits are
-q_nope k_nope^T + q_rope k_rope^T with the shared k_rope [b, s, dr] read once per tile (never broadcast
-over heads); dk_rope is produced per head and summed over heads outside the kernel.
+two consumer warpgroups each own one row tile of the CTA, so one's softmax overlaps the other's wgmma.
+Probabilities and logit gradients are staged through SMEM as wgmma A operands (the Mosaic GPU interpreter,
+which the CPU tests use, runs SMEM operands only). Tensors keep the public layout [b, s, h, d]: TMA reads
+strided [rows, d] tiles of one head directly. The logits are q_nope k_nope^T + q_rope k_rope^T with the
+shared k_rope [b, s, dr] read once per tile (never broadcast over heads); dk_rope is produced per head and
+summed over heads outside the kernel.
 The softmax runs in base 2 (exp2) with the scale folded into the logits. Inputs must be bf16 or f16.
 """
 import math
@@ -90,8 +90,14 @@ def valid_tile(shape, row0, col0, causal, row_seg, col_seg, rows_are_queries):
   return valid
 
 
-def run_kernel(body, out_type, grid, grid_names, interpret, *args, threads=1):
-  extra = {} if threads == 1 else dict(num_threads=threads, thread_name="wg")
+def check_consumers(consumers, what):
+  if consumers not in (1, 2):
+    raise ValueError(f"gpu {what} consumers must be 1 or 2, got {consumers}")
+
+
+def run_kernel(body, out_type, grid, grid_names, interpret, *args, consumers=1):
+  """plgpu.kernel over `grid`; with 2 consumers, three warpgroups per CTA named "wg" (the last loads)."""
+  extra = {} if consumers == 1 else dict(num_threads=consumers + 1, thread_name="wg")
   return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
                       compiler_params=plgpu.CompilerParams(approx_math=True),
                       interpret=interpret_arg(interpret), **extra)(*args)
@@ -111,11 +117,28 @@ def key_blocks(seg_g, kn_g, kr_g, v_g, bi, hi, block_k):
   return in_specs, operands
 
 
-def _online_softmax_step(t, valid, carry, p_s, v_s):
-  """One key block of the flash forward: t [rows, block_k] base-2 logits -> new (acc, m, l)."""
+def load_tiles(copies, barrier):
+  """Copies each (gmem source, smem destination) pair with TMA, one after the other."""
+  for src, dst in copies:
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def query_tile_logits(qn_s, qr_s, kn_s, kr_s, segq_s, segk_s, q0, k0, *, scale2, causal):
+  """Base-2 logits [rows, keys] of the query rows [q0, ...) against the key block [k0, ...):
+  q_nope k_nope^T + q_rope k_rope^T, times scale2, MASK_VALUE where causality or segments forbid.
+  segq_s / segk_s: the blocks' segment ids in SMEM, or None without segments."""
+  shape = (qn_s.shape[0], kn_s.shape[0])
+  t = wgmma_tile(shape, (qn_s, kn_s.T), (qr_s, kr_s.T)) * scale2
+  seg_q = None if segq_s is None else plgpu.load(segq_s, layout=ROWS)
+  seg_k = None if segk_s is None else plgpu.load(segk_s, layout=COLS)
+  valid = valid_tile(shape, q0, k0, causal, seg_q, seg_k, True)
+  return t if valid is None else jnp.where(valid, t, common.MASK_VALUE)
+
+
+def _online_softmax_step(t, carry, p_s, v_s):
+  """One key block of the flash forward: t [rows, block_k] masked base-2 logits -> new (acc, m, l)."""
   acc, m, l = carry
-  if valid is not None:
-    t = jnp.where(valid, t, common.MASK_VALUE)
   m_new = jnp.maximum(m, t.max(axis=1))
   alpha = jnp.exp2(m - m_new)
   p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
@@ -130,8 +153,8 @@ def _initial_carry(rows, dv):
           plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), ROWS))
 
 
-def _stage_outputs(carry, o_s, stat_s):
-  """Normalised o into o_s, natural-log lse and row maxima into stat_s[0], stat_s[1] (then commit)."""
+def _write_rows(carry, o_s, stat_s, o_g, lse_g, rmax_g, bi, hi, rows):
+  """The normalised o, the natural-log lse and the row maxima of the final carry, through SMEM to GMEM."""
   acc, m, l = carry
   has_key = m > 0.5 * common.MASK_VALUE
   safe_l = jnp.where(has_key, l, 1.0)
@@ -140,6 +163,10 @@ def _stage_outputs(carry, o_s, stat_s):
   stat_s[0] = jnp.where(has_key, (m + jnp.log2(safe_l)) * LN2, 0.0)
   stat_s[1] = jnp.where(has_key, m * LN2, common.MASK_VALUE)
   plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, rows, hi])
+  plgpu.copy_smem_to_gmem(stat_s.at[0], lse_g.at[bi, hi, rows])
+  plgpu.copy_smem_to_gmem(stat_s.at[1], rmax_g.at[bi, hi, rows])
+  plgpu.wait_smem_to_gmem(0)
 
 
 def consumer_index(consumers):
@@ -194,33 +221,6 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
   cta_q = consumers * block_q
   itemsize = jnp.dtype(dtype).itemsize
 
-  def attend_step(q0, qn_s, qr_s, p_s, segq_s):
-    """The pipeline body for the rows [q0, q0 + block_q) held in qn_s / qr_s."""
-    def step(idx, kn_s, kr_s, v_s, *rest):
-      *segk, carry = rest
-      j = idx[0]
-      t = wgmma_tile((block_q, block_k), (qn_s, kn_s.T), (qr_s, kr_s.T)) * scale2
-      seg_q = plgpu.load(segq_s, layout=ROWS) if has_seg else None
-      seg_k = plgpu.load(segk[0], layout=COLS) if has_seg else None
-      valid = valid_tile((block_q, block_k), q0, j * block_k, causal, seg_q, seg_k, True)
-      return _online_softmax_step(t, valid, carry, p_s, v_s)
-    return step
-
-  def load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s, qr_s, segq_s, barrier):
-    sources = [(qn_g.at[bi, rows, hi], qn_s), (qr_g.at[bi, rows, hi], qr_s)]
-    if has_seg:
-      sources.append((seg_g.at[bi, rows], segq_s))
-    for src, dst in sources:
-      plgpu.copy_gmem_to_smem(src, dst, barrier)
-      plgpu.barrier_wait(barrier)
-
-  def write_rows(carry, o_s, stat_s, o_g, lse_g, rmax_g, bi, hi, rows):
-    _stage_outputs(carry, o_s, stat_s)
-    plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, rows, hi])
-    plgpu.copy_smem_to_gmem(stat_s.at[0], lse_g.at[bi, hi, rows])
-    plgpu.copy_smem_to_gmem(stat_s.at[1], rmax_g.at[bi, hi, rows])
-    plgpu.wait_smem_to_gmem(0)
-
   def body(*refs):
     seg_g, *refs = refs if has_seg else (None, *refs)
     qn_g, qr_g, kn_g, kr_g, v_g, o_g, lse_g, rmax_g = refs
@@ -232,14 +232,25 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
       wg = consumer_index(consumers)
       q0 = qi * cta_q + wg * block_q
       rows = pl.ds(q0, block_q)
+      qn_s, qr_s, o_s, p_s, segq_s, stat_s = (
+          x.at[wg] for x in (qn_s, qr_s, o_s, p_s, segq_s, stat_s))
+
+      def step(idx, kn_s, kr_s, v_s, *rest):
+        *segk, carry = rest
+        t = query_tile_logits(qn_s, qr_s, kn_s, kr_s, segq_s if has_seg else None,
+                              segk[0] if has_seg else None, q0, idx[0] * block_k, scale2=scale2,
+                              causal=causal)
+        return _online_softmax_step(t, carry, p_s, v_s)
 
       def consumer(run_pipeline):
-        load_rows(seg_g, qn_g, qr_g, bi, hi, rows, qn_s.at[wg], qr_s.at[wg], segq_s.at[wg],
-                  barrier.at[wg])
+        copies = [(qn_g.at[bi, rows, hi], qn_s), (qr_g.at[bi, rows, hi], qr_s)]
+        if has_seg:
+          copies.append((seg_g.at[bi, rows], segq_s))
+        load_tiles(copies, barrier.at[wg])
         carry = run_pipeline(_initial_carry(block_q, dv))
-        write_rows(carry, o_s.at[wg], stat_s.at[wg], o_g, lse_g, rmax_g, bi, hi, rows)
+        _write_rows(carry, o_s, stat_s, o_g, lse_g, rmax_g, bi, hi, rows)
 
-      pipelined(attend_step(q0, qn_s.at[wg], qr_s.at[wg], p_s.at[wg], segq_s.at[wg]), consumer,
+      pipelined(step, consumer,
                 in_specs=in_specs, operands=operands, steps=steps, consumers=consumers,
                 fixed_bytes=consumers * (block_q * (dn + dr + dv + block_k) * itemsize
                                          + 3 * block_q * 4),
@@ -259,7 +270,7 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
               jax.ShapeDtypeStruct((b, h, s), jnp.float32))
   args = ([seg] if has_seg else []) + [qn, qr, kn, kr, v]
   return run_kernel(body, out_type, (b, h, s // cta_q), ("batch", "heads", "q"), interpret, *args,
-                    threads=1 if consumers == 1 else consumers + 1)
+                    consumers=consumers)
 
 
 def _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
@@ -282,8 +293,7 @@ def attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, sm_scal
   to (BLOCK_Q, BLOCK_K), or WS_BLOCKS when warp-specialised.
   """
   check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
-  if consumers not in (1, 2):
-    raise ValueError(f"gpu forward consumers must be 1 or 2, got {consumers}")
+  check_consumers(consumers, "forward")
   default_q, default_k = WS_BLOCKS if consumers == 2 else (BLOCK_Q, BLOCK_K)
   block_q, block_k = block_q or default_q, block_k or default_k
   s = q_nope.shape[1]
@@ -303,8 +313,7 @@ def attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, d
   """
   from pallas_kernels.mla_attention import gpu_backward
   check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
-  if consumers not in (1, 2):
-    raise ValueError(f"gpu backward consumers must be 1 or 2, got {consumers}")
+  check_consumers(consumers, "backward")
   s = q_nope.shape[1]
   padded, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
                                       consumers * dq_blocks[0], dq_blocks[1], dkv_blocks[0],

@@ -13,7 +13,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention import common
 from pallas_kernels.mla_attention.gpu import (COLS, LOG2E, ROWS, consumer_index, key_blocks,
-                                              per_consumer, pipelined, run_kernel,
+                                              load_tiles, per_consumer, pipelined,
+                                              query_tile_logits, run_kernel,
                                               scoped_per_consumer, stage, tile_spec, valid_tile,
                                               wgmma_tile)
 
@@ -46,13 +47,9 @@ def _dq(qn, qr, kn, kr, v, seg, do, lse2, delta, *, sm_scale, causal, block_q, b
 
       def step(idx, kn_s, kr_s, v_s, *rest):
         *segk, (dqn, dqr) = rest
-        j = idx[0]
-        t = wgmma_tile((block_q, block_k), (qn_s, kn_s.T), (qr_s, kr_s.T)) * scale2
-        seg_q = plgpu.load(segq_s, layout=ROWS) if has_seg else None
-        seg_k = plgpu.load(segk[0], layout=COLS) if has_seg else None
-        valid = valid_tile((block_q, block_k), q0, j * block_k, causal, seg_q, seg_k, True)
-        if valid is not None:
-          t = jnp.where(valid, t, common.MASK_VALUE)
+        t = query_tile_logits(qn_s, qr_s, kn_s, kr_s, segq_s if has_seg else None,
+                              segk[0] if has_seg else None, q0, idx[0] * block_k, scale2=scale2,
+                              causal=causal)
         lse = plgpu.load(stat_s.at[0], layout=ROWS)
         delta = plgpu.load(stat_s.at[1], layout=ROWS)
         p = jnp.exp2(t - lax.broadcast_in_dim(lse, t.shape, [0]))
@@ -67,9 +64,7 @@ def _dq(qn, qr, kn, kr, v, seg, do, lse2, delta, *, sm_scale, causal, block_q, b
                   (delta_g.at[bi, hi, rows], stat_s.at[1])]
         if has_seg:
           copies.append((seg_g.at[bi, rows], segq_s))
-        for src, dst in copies:
-          plgpu.copy_gmem_to_smem(src, dst, barrier.at[wg])
-          plgpu.barrier_wait(barrier.at[wg])
+        load_tiles(copies, barrier.at[wg])
         dqn, dqr = run_pipeline((_zeros((block_q, dn)), _zeros((block_q, dr))))
         qn_s[...] = dqn.astype(dtype)
         qr_s[...] = dqr.astype(dtype)
@@ -97,7 +92,7 @@ def _dq(qn, qr, kn, kr, v, seg, do, lse2, delta, *, sm_scale, causal, block_q, b
   out_type = (jax.ShapeDtypeStruct(qn.shape, dtype), jax.ShapeDtypeStruct(qr.shape, dtype))
   args = ([seg] if has_seg else []) + [qn, qr, kn, kr, v, do, lse2, delta]
   return run_kernel(body, out_type, (b, h, s // cta_q), ("batch", "heads", "q"), interpret, *args,
-                    threads=1 if consumers == 1 else consumers + 1)
+                    consumers=consumers)
 
 
 def _dkv(qn, qr, kn, kr, v, seg, do, stats, *, sm_scale, causal, block_q, block_k, consumers,
@@ -152,9 +147,7 @@ def _dkv(qn, qr, kn, kr, v, seg, do, stats, *, sm_scale, causal, block_q, block_
                   (v_g.at[bi, rows, hi], v_s)]
         if has_seg:
           copies.append((seg_g.at[bi, rows], segk_s))
-        for src, dst in copies:
-          plgpu.copy_gmem_to_smem(src, dst, barrier.at[wg])
-          plgpu.barrier_wait(barrier.at[wg])
+        load_tiles(copies, barrier.at[wg])
         dkn, dkr, dvv = run_pipeline(
             (_zeros((block_k, dn)), _zeros((block_k, dr)), _zeros((block_k, dv))))
         kn_s[...] = dkn.astype(dtype)
@@ -190,7 +183,7 @@ def _dkv(qn, qr, kn, kr, v, seg, do, stats, *, sm_scale, causal, block_q, block_
               jax.ShapeDtypeStruct(v.shape, dtype))
   args = ([seg] if has_seg else []) + [qn, qr, kn, kr, v, do, stats]
   return run_kernel(body, out_type, (b, h, s // cta_k), ("batch", "heads", "k"), interpret, *args,
-                    threads=1 if consumers == 1 else consumers + 1)
+                    consumers=consumers)
 
 
 def backward(qn, qr, kn, kr, v, seg, do, lse2, delta, *, dq_blocks, dkv_blocks, consumers=1, **kw):

@@ -21,8 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention import common
-from pallas_kernels.mla_attention.gpu import (LOG2E, LN2, ROWS, check_dtypes, run_kernel, stage,
-                                              tile_spec, transforms, wgmma_tile)
+from pallas_kernels.mla_attention.gpu import (LOG2E, LN2, ROWS, check_consumers, check_dtypes,
+                                              load_tiles, pipelined, run_kernel, stage, tile_spec,
+                                              transforms, wgmma_tile)
 from pallas_kernels.mla_attention.tpu_decode import combine_splits
 
 HEADS = 64
@@ -35,7 +36,6 @@ MIN_BLOCKS_PER_SPLIT = 16
 # and lowers for sm_90, not yet timed on hardware: bench_mla_attention.py times it beside the default.
 WS_BLOCK_N = 32
 WS_OUT_CHUNK = 64
-SMEM_BYTES = 227 * 1024
 
 
 def default_num_splits(batch, num_blocks, head_groups, c_tiles, num_sms=132):
@@ -87,9 +87,7 @@ def _decode(ql, qr, c_kv, k_rope, lengths, table, *, sm_scale, num_splits, num_b
                                                blocks_per_page)
 
     def scoped(ql_s, qr_s, p_s, barrier):
-      for src, dst in ((ql_g.at[bi, heads], ql_s), (qr_g.at[bi, heads], qr_s)):
-        plgpu.copy_gmem_to_smem(src, dst, barrier)
-        plgpu.barrier_wait(barrier)
+      load_tiles([(ql_g.at[bi, heads], ql_s), (qr_g.at[bi, heads], qr_s)], barrier)
 
       def step(idx, c_s, kr_s, carry):
         acc, m, l = carry
@@ -163,11 +161,6 @@ def _decode_ws(ql, qr, c_kv, k_rope, lengths, table, *, sm_scale, num_splits, nu
   itemsize = jnp.dtype(dtype).itemsize
   # wgmma operands pair up with one swizzle: p [HEADS, bn] sets it for q_latent and c_kv too.
   latent_transforms = transforms(bn, dtype)
-  fixed = (HEADS * (c + dr) * itemsize + 2 * HEADS * bn * itemsize + 5 * HEADS * 4
-           + 2 * HEADS * chunk * 4)
-  depth = min(4, (SMEM_BYTES - fixed - 2048) // (bn * (c + dr) * itemsize))
-  if depth < 2:
-    raise ValueError(f"latent width {c} + {dr} leaves room for {depth} decode pipeline stages; need 2")
 
   def body(*refs):
     if paged:
@@ -241,9 +234,7 @@ def _decode_ws(ql, qr, c_kv, k_rope, lengths, table, *, sm_scale, num_splits, nu
       def consumer(run_pipeline):
         @pl.when(wg == 0)
         def _():
-          for src, dst in ((ql_g.at[bi, heads], ql_s), (qr_g.at[bi, heads], qr_s)):
-            plgpu.copy_gmem_to_smem(src, dst, q_barrier)
-            plgpu.barrier_wait(q_barrier)
+          load_tiles([(ql_g.at[bi, heads], ql_s), (qr_g.at[bi, heads], qr_s)], q_barrier)
           stat_s[0] = plgpu.layout_cast(jnp.full((HEADS,), common.MASK_VALUE, jnp.float32), ROWS)
           stat_s[1] = plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), ROWS)
 
@@ -258,9 +249,11 @@ def _decode_ws(ql, qr, c_kv, k_rope, lengths, table, *, sm_scale, num_splits, nu
         in_specs = [plgpu.BlockSpec((bn, c), lambda j: (block_index(j), 0),
                                     transforms=latent_transforms),
                     tile_spec((bn, dr), lambda j: (block_index(j), 0), dtype)]
-        plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-            num_compute_wgs=2, max_concurrent_steps=depth, compute_context=consumer)(c_src, kr_src)
+        pipelined(step, consumer, in_specs=in_specs, operands=[c_src, kr_src], steps=steps,
+                  consumers=2,
+                  fixed_bytes=(HEADS * (c + dr) * itemsize + 2 * HEADS * bn * itemsize
+                               + 5 * HEADS * 4 + 2 * HEADS * chunk * 4),
+                  what=f"decode (latent {c} + {dr})")
 
       @pl.when((steps == 0) & (wg < 2))
       def _empty():
@@ -282,7 +275,7 @@ def _decode_ws(ql, qr, c_kv, k_rope, lengths, table, *, sm_scale, num_splits, nu
               jax.ShapeDtypeStruct((b, num_splits, hp), jnp.float32))
   args = (lengths, table, ql, qr, c_kv, k_rope) if paged else (lengths, ql, qr, c_kv, k_rope)
   return run_kernel(body, out_type, (hp // HEADS, num_splits, b), ("heads", "split", "batch"),
-                    interpret, *args, threads=3)
+                    interpret, *args, consumers=2)
 
 
 def _pad_heads(x, hp):
@@ -293,8 +286,7 @@ def _run(ql, qr, c_kv, k_rope, lengths, table, *, h, sm_scale, num_splits, token
          consumers, interpret):
   """Pads heads, picks the split count and runs the chosen kernel; returns o_latent [b, h, c]."""
   b, _, c = ql.shape
-  if consumers not in (1, 2):
-    raise ValueError(f"gpu decode consumers must be 1 or 2, got {consumers}")
+  check_consumers(consumers, "decode")
   c_tile = c // 2 if consumers == 2 else min(c_tile, c)
   if c % c_tile:
     raise ValueError(f"kv_lora_rank {c} must be a multiple of the column tile {c_tile}")
