@@ -14,6 +14,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -43,8 +44,13 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh of Auto axes over `devices` (default: all devices)."""
-    devices = jax.devices() if devices is None else devices
+    """A (data, fsdp, expert, tensor) mesh of Auto axes over `devices` (default: all devices).
+
+    The devices are laid out by `mesh_utils.create_device_mesh`, which knows the physical topology of TPU
+    slices (torus axes): a logical axis that no physical axis matches (16 on a 4x8x8 v5p-512) is made by
+    splitting physical axes on purpose, where `jax.make_mesh` refuses.
+    """
+    devices = jax.devices() if devices is None else list(devices)
     shape = (data, fsdp, expert, tensor)
     if any(s < 1 for s in shape):
         raise ValueError(f"mesh axis sizes must be >= 1, got data={data} fsdp={fsdp} expert={expert} "
@@ -52,7 +58,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh data*fsdp*expert*tensor = {data}*{fsdp}*{expert}*{tensor} = {math.prod(shape)} "
                          f"does not equal the number of devices ({len(devices)})")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+    array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def axis_size(mesh: Mesh | None, name: str) -> int:

@@ -57,10 +57,12 @@ def model_config(model_cfg) -> ModelConfig:
     return base.replace(**fields)
 
 
-def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
-    """config.mesh: data/fsdp/expert/tensor sizes; one of them may be -1 (= the remaining devices)."""
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """config.mesh: data/fsdp/expert/tensor sizes; one of them may be -1 (= the remaining devices).
+    devices: default all of jax.devices()."""
+    devices = jax.devices() if devices is None else list(devices)
     sizes = {k: int(mesh_cfg[k]) for k in sharding.MESH_AXES}
-    n = jax.device_count()
+    n = len(devices)
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
@@ -70,7 +72,7 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
             raise ValueError(f"config.mesh: {n} devices are not divisible by the fixed axes' product {rest} "
                              f"({sizes})")
         sizes[free[0]] = n // rest
-    return sharding.make_mesh(**sizes)
+    return sharding.make_mesh(**sizes, devices=devices)
 
 
 def abstract_train_state(config, cfg: ModelConfig, mesh):
