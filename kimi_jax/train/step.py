@@ -2,8 +2,11 @@
 
 State is a plain pytree (TrainState) of pure-dict parameters so that optax, orbax and jit see ordinary arrays.
 Per step:
-  1. for each microbatch: forward (logits, max_logits, expert counts), masked next-token cross entropy (+ alpha *
-     sequence-wise balance loss), gradients summed (token-weighted), max_logits MAX-reduced, counts summed;
+  1. for each microbatch: forward (hidden states, max_logits, expert counts), masked next-token cross entropy
+     (+ alpha * sequence-wise balance loss), gradients summed (token-weighted), max_logits MAX-reduced, counts
+     summed. The cross entropy is chunked by default (kimi_jax/train/cross_entropy.py: the lm_head logits are
+     computed `ce_chunk` tokens of each sequence at a time, never [b, s, vocab] at once); ce_chunk=None computes
+     the full fp32 logits and `cross_entropy` below;
   2. grads /= tokens; if loss or gradient norm is not finite the step is skipped (state kept, counters bumped);
   3. optimizer update (gradient clipping inside), QK-Clip with the step's S_max (muonclip only), then the
      aux-loss-free router bias update b += u * sign(mean load - load).
@@ -20,6 +23,7 @@ from flax import nnx
 
 from kimi_jax.model.moe import update_router_bias
 from kimi_jax.optim import qk_clip
+from kimi_jax.train.cross_entropy import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 
 
 class TrainState(NamedTuple):
@@ -40,14 +44,22 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
 
 def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule, *,
                     microbatches: int = 1, balance_loss_alpha: float = 0.0, router_bias_update_rate: float = 1e-3,
-                    qk_clip_tau: float | None = None):
+                    qk_clip_tau: float | None = None, ce_chunk: int | None = DEFAULT_CHUNK_TOKENS):
     """Returns step(state, batch) -> (state, metrics). batch: dict of [B, S] arrays (input_ids, targets,
-    positions, segment_ids, loss_mask) with B divisible by `microbatches`."""
+    positions, segment_ids, loss_mask) with B divisible by `microbatches`.
+    ce_chunk: tokens of each sequence per block of the chunked cross entropy (None: full logits)."""
 
     def micro_loss(params, micro):
         model = nnx.merge(graphdef, params)
-        logits, aux = model.forward(micro["input_ids"], micro["positions"], micro["segment_ids"])
-        ce_sum, n = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+        if ce_chunk is None:
+            logits, aux = model.forward(micro["input_ids"], micro["positions"], micro["segment_ids"])
+            ce_sum, n = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+        else:
+            x, aux = model.hidden_states(micro["input_ids"], micro["positions"], micro["segment_ids"])
+            kernel = (model.embed_tokens.embedding[...].T if cfg.tie_word_embeddings
+                      else model.lm_head.kernel[...])
+            ce_sum, n = chunked_cross_entropy(x, kernel, micro["targets"], micro["loss_mask"],
+                                              chunk_tokens=ce_chunk, mesh=model.mesh)
         balance = jnp.sum(aux.get("balance_loss", jnp.zeros(())))
         objective = ce_sum + balance_loss_alpha * balance * jnp.maximum(n, 1.0)
         return objective, (ce_sum, n, aux)
