@@ -17,6 +17,7 @@ MOE_IMPLS = ("ragged_dot", "capacity", "pallas")
 EXPERT_PARALLEL_IMPLS = ("all_to_all", "ragged_all_to_all")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 PALLAS_BACKENDS = ("auto", "tpu", "gpu", "xla")
+SHARDING_STRATEGIES = ("fsdp_tp_ep", "fsdp_tp")   # tables in kimi_jax/sharding.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -112,6 +113,7 @@ class ModelConfig:
     pallas_backend: str = "auto"      # backend of the Pallas kernels: "auto" (by platform), "tpu", "gpu", "xla"
     pallas_interpret: bool = False    # run the chosen kernel in Pallas interpret mode (CPU tests)
     pallas_warp_specialized: bool = False  # GPU: producer + two consumer warpgroup kernels (not yet timed)
+    sharding_strategy: str = "fsdp_tp_ep"  # parameter sharding rules (kimi_jax/sharding.py STRATEGIES)
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -155,7 +157,8 @@ class ModelConfig:
                              "for a dict)")
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
                               ("moe_impl", MOE_IMPLS), ("expert_parallel_impl", EXPERT_PARALLEL_IMPLS),
-                              ("remat_policy", REMAT_POLICIES), ("pallas_backend", PALLAS_BACKENDS)):
+                              ("remat_policy", REMAT_POLICIES), ("pallas_backend", PALLAS_BACKENDS),
+                              ("sharding_strategy", SHARDING_STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.capacity_factor <= 0:

@@ -1,9 +1,10 @@
 """Mesh construction, the logical-axis rules table, and sharding helpers.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `expert` (expert
-parallelism; also splits the batch outside the MoE), `tensor` (heads and MLP columns). Every parameter carries
-logical axis names (its `axes` metadata); RULES maps each logical name to mesh axes. Axes missing from a mesh, or
-of size 1, are dropped from specs.
+parallelism; also splits the batch outside the MoE, and shards non-expert weights like fsdp), `tensor` (heads
+and MLP columns). Every parameter carries logical axis names (its `axes` metadata); a strategy (STRATEGIES,
+chosen by ModelConfig.sharding_strategy) maps each logical name to ordered candidate mesh axes. Axes missing
+from a mesh, or of size 1, are dropped from specs.
 """
 
 from __future__ import annotations
@@ -12,35 +13,53 @@ import math
 from typing import Mapping
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
-RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    # activations
+# Activations: logical axis -> mesh axes, the same in every strategy.
+ACTIVATION_RULES: Mapping[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
-    "seq": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    # parameters
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "o_heads": "tensor",
-    "mlp": "tensor",
-    "experts": "expert",
-    "expert_mlp": "tensor",
-    "layers": None,
-    "norm": None,
-    "q_lora": None,
-    "kv_lora": None,
-    "router": None,
+    "seq": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
 }
+
+# Parameters: logical axis -> ordered candidate mesh axes. A dimension takes its candidates in order, each one
+# that is in the mesh (size > 1), not yet used by an earlier dimension of the same array, and that divides what
+# is left of the dimension. Afterwards, every mesh axis in the strategy's "fsdp_fill" still unused is put on the
+# first dimension it divides (largest dimension first), so a large leaf is split over every mesh axis that
+# divides it; `data` stays a pure data-parallel (replica) axis.
+_TP = ("tensor",)
+STRATEGIES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    # FSDP over fsdp and expert for every weight (the expert axis is a batch axis outside the MoE), tensor
+    # parallelism on heads / MLP columns / vocabulary, routed experts split over `expert`. Kimi K2's.
+    "fsdp_tp_ep": {
+        "vocab": _TP, "q_heads": _TP, "kv_heads": _TP, "o_heads": _TP, "mlp": _TP, "expert_mlp": _TP,
+        "embed": ("fsdp", "expert"), "q_lora": ("fsdp", "expert"), "kv_lora": ("fsdp", "expert"),
+        "experts": ("expert",), "router": (), "layers": (), "norm": (),
+        "fsdp_fill": ("fsdp", "expert", "tensor"),
+    },
+    # Non-expert weights FSDP over fsdp only (replicated over `expert`): all-gathers span fewer devices, at the
+    # price of expert-times more non-expert parameter memory. For small models on meshes with a large EP.
+    "fsdp_tp": {
+        "vocab": _TP, "q_heads": _TP, "kv_heads": _TP, "o_heads": _TP, "mlp": _TP, "expert_mlp": _TP,
+        "embed": ("fsdp",), "q_lora": ("fsdp",), "kv_lora": ("fsdp",), "experts": ("expert",), "router": (),
+        "layers": (), "norm": (), "fsdp_fill": ("fsdp", "tensor"),
+    },
+}
+DEFAULT_STRATEGY = "fsdp_tp_ep"
+# Logical axes the fill leaves alone, per mesh axis: the scanned layer axis; the router's [E] bias (tiny, read
+# whole by every device's routing); norm weights stay whole over `tensor`, whose devices hold whole activations.
+_NOT_FILLED = {"layers": ("fsdp", "expert", "tensor"), "router": ("fsdp", "expert", "tensor"), "norm": ("tensor",)}
+RULES = STRATEGIES[DEFAULT_STRATEGY]
+
+
+def rules_for(cfg) -> Mapping[str, tuple[str, ...]]:
+    """The parameter rules of ModelConfig.sharding_strategy."""
+    return STRATEGIES[cfg.sharding_strategy]
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -68,18 +87,49 @@ def axis_size(mesh: Mesh | None, name: str) -> int:
     return mesh.shape[name]
 
 
-def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh, rules: Mapping = RULES) -> P:
-    """Logical axis names -> PartitionSpec on `mesh` (mesh axes absent or of size 1 are dropped)."""
-    spec, used = [], set()
-    for name in axes:
-        if name is not None and name not in rules:
+def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh, rules: Mapping = RULES,
+                    shape: tuple[int, ...] | None = None) -> P:
+    """Logical axis names -> PartitionSpec on `mesh` (mesh axes absent or of size 1 are dropped).
+
+    Activation names ("batch", "seq", "act_embed", "act_heads") use ACTIVATION_RULES; parameter names use
+    `rules` (a strategy). With `shape` (parameters), a mesh axis is only used where it divides the dimension,
+    and the strategy's "fsdp_fill" axes still unused are placed on the largest dimension they divide.
+    """
+    entries, used = [], set()
+    for i, name in enumerate(axes):
+        table = ACTIVATION_RULES if name in ACTIVATION_RULES else rules
+        if name is not None and name not in table:
             raise ValueError(f"logical axis {name!r} has no entry in the sharding rules")
-        target = rules.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = tuple(t for t in targets if axis_size(mesh, t) > 1 and t not in used)
+        kept = []
+        for target in (table[name] if name is not None else ()):
+            size = axis_size(mesh, target)
+            if size > 1 and target not in used and (
+                    shape is None or shape[i] % (math.prod(mesh.shape[k] for k in kept) * size) == 0):
+                kept.append(target)
         used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return P(*spec)
+        entries.append(kept)
+    if shape is not None:
+        for target in rules.get("fsdp_fill", ()):
+            size = axis_size(mesh, target)
+            if size <= 1 or target in used:
+                continue
+            for i in sorted(range(len(shape)), key=lambda d: -shape[d]):
+                if target not in _NOT_FILLED.get(axes[i], ()) and shape[i] % (
+                        math.prod(mesh.shape[k] for k in entries[i]) * size) == 0:
+                    entries[i].append(target)
+                    used.add(target)
+                    break
+    return P(*[None if not e else e[0] if len(e) == 1 else tuple(e) for e in entries])
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, a name or a tuple of names) -> tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (size > 1) the batch is split over."""
+    return spec_axes(logical_to_spec(("batch",), mesh)[0])
 
 
 def check_mesh(cfg, mesh: Mesh) -> None:
@@ -102,15 +152,32 @@ def value_of(var: nnx.Variable):
     return var.get_value() if hasattr(var, "get_value") else var.value
 
 
+def param_sharding(axes, shape, mesh: Mesh, rules: Mapping = RULES) -> NamedSharding:
+    """The NamedSharding of a parameter with logical `axes` (None: replicated) and `shape`."""
+    if axes is None:
+        return NamedSharding(mesh, P())
+    if len(axes) != len(shape):
+        raise ValueError(f"parameter of shape {shape} has logical axes {axes} of another rank")
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, tuple(shape)))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping = RULES):
     """A pytree like `state` (nnx.Variables) whose values are NamedShardings from each Variable's `axes`."""
+    return jax.tree.map(lambda var: param_sharding(var.get_metadata().get("axes"), value_of(var).shape, mesh,
+                                                   rules),
+                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def layer_slice_shardings(state: nnx.State, mesh: Mesh, rules: Mapping = RULES):
+    """For a stacked layer state (leading "layers" axis): the shardings of one layer's slice, each the stacked
+    parameter's own spec without the layer axis (so a scanned layer keeps its parameters FSDP-sharded and
+    gathers them inside the loop, one layer at a time)."""
     def one(var):
-        axes = var.get_metadata().get("axes")
-        if axes is None:
-            return NamedSharding(mesh, P())
-        if len(axes) != len(value_of(var).shape):
-            raise ValueError(f"parameter of shape {value_of(var).shape} has logical axes {axes} of another rank")
-        return NamedSharding(mesh, logical_to_spec(axes, mesh, rules))
+        axes, shape = var.get_metadata().get("axes"), value_of(var).shape
+        if axes is None or axes[0] != "layers":
+            raise ValueError(f"stacked parameter of shape {shape} has logical axes {axes} without 'layers' first")
+        stacked = logical_to_spec(axes, mesh, rules, tuple(shape))
+        return NamedSharding(mesh, P(*stacked[1:]))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -129,8 +196,4 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> 
 
 def batch_divisor(mesh: Mesh | None) -> int:
     """How many ways the batch axis is split on `mesh`."""
-    if mesh is None:
-        return 1
-    spec = logical_to_spec(("batch",), mesh)[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    return 1 if mesh is None else math.prod(mesh.shape[n] for n in batch_axes(mesh))

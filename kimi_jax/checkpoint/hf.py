@@ -165,7 +165,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh=None, **runtime) ->
     graphdef, abs_state = nnx.split(abstract_model(cfg, mesh))
     table = {t.path: t for t in tensor_map(cfg, abs_state)}
     if mesh is not None:
-        shardings = sharding.state_shardings(abs_state, mesh)
+        shardings = sharding.state_shardings(abs_state, mesh, sharding.rules_for(cfg))
     else:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abs_state,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -20,7 +20,8 @@ def abstract_model(cfg: ModelConfig, mesh=None) -> Transformer:
 def create_model(cfg: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
     """Randomly initialised Transformer; with a mesh every parameter is created already sharded."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg, mesh))
-    out_shardings = sharding.state_shardings(abstract_state, mesh) if mesh is not None else None
+    out_shardings = (sharding.state_shardings(abstract_state, mesh, sharding.rules_for(cfg)) if mesh is not None
+                     else None)
 
     @jax.jit
     def init():

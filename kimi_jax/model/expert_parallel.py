@@ -1,18 +1,20 @@
 """Expert parallelism: routed experts split over the mesh's `expert` axis, tokens exchanged with all-to-all.
 
-Inside `shard_map`, each device holds T_loc tokens (the batch is split over data x fsdp x expert) and
-E_loc = E / EP experts (EP = size of `expert`; expert FFN columns may be split over `tensor`).
+These functions run inside the MoE `shard_map` island (kimi_jax/model/moe.py): each device holds T_loc tokens
+(the batch is split over data x fsdp x expert), already routed, and E_loc = E / EP experts (EP = size of
+`expert`; expert FFN columns may be split over `tensor`).
 
 "all_to_all" (runs everywhere, XLA:CPU included): each device packs its token copies into a send buffer
 [EP, C, hidden] (C slots per destination device), exchanges it with `jax.lax.all_to_all`, runs its local
 experts on what it received (sorted by local expert, grouped matmul), sends results back with a second
-all_to_all and combines. C = T_loc * min(k, E_loc) is dropless (the worst case); with
-ModelConfig.expert_parallel_capacity_factor = f, C = ceil(f * T_loc * k / EP) and overflow is dropped.
+all_to_all and combines. With ModelConfig.expert_parallel_capacity_factor = f, C = ceil(f * T_loc * k / EP)
+and overflow is dropped (counted); None gives the dropless worst case C = T_loc * min(k, E_loc).
 
 "ragged_all_to_all" (TPU/GPU): the same exchange with `jax.lax.ragged_all_to_all`, sending only the rows each
-device needs; the receive buffer has T_loc * k * EP rows (dropless) or ceil(f * T_loc * k) rows (a receiver
-keeps rows in source order until full). XLA:CPU has no ragged-all-to-all, so on CPU the same call is emulated
-with an all_gather (`gathered_ragged_all_to_all`); that keeps the offset bookkeeping tested here.
+device needs; the receive buffer has ceil(f * T_loc * k) rows (a receiver keeps rows in source order until
+full), or T_loc * k * EP when dropless. XLA:CPU has no ragged-all-to-all, so on CPU meshes the same call is
+emulated with an all_gather (`gathered_ragged_all_to_all`); that keeps the offset bookkeeping tested here. The
+choice follows the platform of the mesh's devices, not the host's.
 """
 
 from __future__ import annotations
@@ -22,33 +24,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kimi_jax import sharding
 from kimi_jax.config import ModelConfig
-from kimi_jax.model.moe import expert_ffn, rank_within_group
+from kimi_jax.model.dispatch import expert_ffn, rank_within_group
 
 
-def _spec(mesh, *axes):
-    return sharding.logical_to_spec(axes, mesh)
-
-
-def expert_parallel_moe(cfg: ModelConfig, mesh, tokens, topk_idx, topk_weights, w):
-    """tokens [T, hidden] (T split like the batch), topk_idx/topk_weights [T, k], w = (gate, up, down) with
-    shapes [E, hidden, F], [E, hidden, F], [E, F, hidden] -> routed output [T, hidden]."""
-    ep = sharding.axis_size(mesh, "expert")
-    tp = sharding.axis_size(mesh, "tensor")
+def expert_parallel_experts(cfg: ModelConfig, ep: int, platform: str, x, idx, wts, w):
+    """Inside shard_map: local tokens x [T_loc, hidden] routed to idx/wts [T_loc, k] (global expert ids), local
+    expert weights w = (gate [E_loc, hidden, F], up, down [E_loc, F, hidden]) -> (routed output [T_loc, hidden],
+    number of dropped assignments int32 [] of this device's tokens)."""
     n_local = cfg.n_routed_experts // ep
-    tok_spec = _spec(mesh, "batch", None)
-    gate_spec = _spec(mesh, "experts", None, "expert_mlp")
-    down_spec = _spec(mesh, "experts", "expert_mlp", None)
-    body = _all_to_all_body if cfg.expert_parallel_impl == "all_to_all" else _ragged_body
-
-    def local(x, idx, wts, gate, up, down):
-        y = body(cfg, ep, n_local, x, idx, wts, (gate, up, down))
-        return jax.lax.psum(y, "tensor") if tp > 1 else y
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec,
-                                                     down_spec),
-                         out_specs=tok_spec, check_vma=False)(tokens, topk_idx, topk_weights, *w)
+    if cfg.expert_parallel_impl == "all_to_all":
+        return _all_to_all_body(cfg, ep, n_local, x, idx, wts, w)
+    return _ragged_body(cfg, ep, n_local, x, idx, wts, w, ragged_exchange(platform))
 
 
 def _local_experts(x, local_expert, n_local, w, cfg):
@@ -78,10 +65,10 @@ def _all_to_all_body(cfg, ep, n_local, x, idx, wts, w):
     y = _local_experts(recv_x.reshape(ep * capacity, -1), recv_e.reshape(-1), n_local, w, cfg)
     back = jax.lax.all_to_all(y.reshape(ep, capacity, -1), "expert", 0, 0, tiled=True)
     out = jnp.where(keep[:, None], back[dest, jnp.minimum(slot, capacity - 1)], 0).reshape(t, k, -1)
-    return jnp.einsum("tkh,tk->th", out, wts.astype(out.dtype))
+    return jnp.einsum("tkh,tk->th", out, wts.astype(out.dtype)), jnp.sum(~keep).astype(jnp.int32)
 
 
-def _ragged_body(cfg, ep, n_local, x, idx, wts, w):
+def _ragged_body(cfg, ep, n_local, x, idx, wts, w, exchange):
     t, k = idx.shape
     if cfg.expert_parallel_capacity_factor is None:
         recv_rows = t * k * ep
@@ -100,7 +87,6 @@ def _ragged_body(cfg, ep, n_local, x, idx, wts, w):
     sent = rank_in_dest < kept[me][dest_sorted]                                          # sorted rows that travel
     x_sorted = jnp.repeat(x, k, 0)[order]
     e_sorted = (flat[order] % n_local).astype(jnp.int32)
-    exchange = ragged_exchange()
     recv_x = exchange(x_sorted, jnp.zeros((recv_rows, x.shape[-1]), x.dtype), at_src[me], kept[me],
                       at_dst[me], kept[:, me])
     recv_e = exchange(e_sorted, jnp.full((recv_rows,), n_local, jnp.int32), at_src[me], kept[me], at_dst[me],
@@ -109,12 +95,12 @@ def _ragged_body(cfg, ep, n_local, x, idx, wts, w):
     back = exchange(y, jnp.zeros_like(x_sorted), at_dst[:, me], kept[:, me], at_src[:, me], kept[me])
     back = jnp.where(sent[:, None], back, 0)
     out = jnp.zeros_like(back).at[order].set(back).reshape(t, k, -1)
-    return jnp.einsum("tkh,tk->th", out, wts.astype(out.dtype))
+    return jnp.einsum("tkh,tk->th", out, wts.astype(out.dtype)), jnp.sum(~sent).astype(jnp.int32)
 
 
-def ragged_exchange():
-    """The ragged exchange for the current backend (XLA:CPU lacks ragged-all-to-all)."""
-    return gathered_ragged_all_to_all if jax.default_backend() == "cpu" else ragged_all_to_all
+def ragged_exchange(platform: str):
+    """The ragged exchange for the mesh devices' platform (XLA:CPU lacks ragged-all-to-all)."""
+    return gathered_ragged_all_to_all if platform == "cpu" else ragged_all_to_all
 
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):

@@ -19,11 +19,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax import sharding
 from kimi_jax.config import ModelConfig
+from kimi_jax.model import kernels
 from kimi_jax.model.layers import Linear, RMSNorm
 from kimi_jax.model.rope import apply_rope
+from pallas_kernels.mla_attention import mla_attention
 
 LATENT_NORM_EPS = 1e-6
 
@@ -56,6 +59,32 @@ def mla_attention_xla(q_nope, q_rope, k_nope, k_rope, v, *, sm_scale: float, seg
     probs = jax.nn.softmax(masked, axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=f32)
     return o.astype(v.dtype), jax.lax.stop_gradient(max_logits)
+
+
+def pallas_attention(cfg: ModelConfig, mesh, q_nope, q_rope, k_nope, k_rope, v, segment_ids):
+    """The Pallas flash kernel (backend from cfg, "auto" resolved for the mesh's platform) in a shard_map
+    island: each device attends over its own batch rows and `tensor` shard of heads; the per-head max logits
+    are pmax-reduced over the batch axes. Shapes as mla_attention_xla."""
+    cfg = kernels.resolved(cfg, mesh)
+
+    def local(q_nope, q_rope, k_nope, k_rope, v, segment_ids, batch_axes=()):
+        o, _, max_logits = mla_attention(q_nope, q_rope, k_nope, k_rope, v, sm_scale=cfg.softmax_scale,
+                                         segment_ids=segment_ids, backend=cfg.pallas_backend,
+                                         interpret=cfg.pallas_interpret or None,
+                                         warp_specialized=cfg.pallas_warp_specialized)
+        max_logits = jax.lax.stop_gradient(max_logits)
+        return o, jax.lax.pmax(max_logits, batch_axes) if batch_axes else max_logits
+
+    if mesh is None:
+        return local(q_nope, q_rope, k_nope, k_rope, v, segment_ids)
+    batch_axes = sharding.batch_axes(mesh)
+    batch = batch_axes or None
+    heads = "tensor" if sharding.axis_size(mesh, "tensor") > 1 else None
+    per_head = P(batch, None, heads, None)
+    return jax.shard_map(lambda *a: local(*a, batch_axes=batch_axes), mesh=mesh,
+                         in_specs=(per_head, per_head, per_head, P(batch, None, None), per_head, P(batch, None)),
+                         out_specs=(per_head, P(heads)), check_vma=False)(
+        q_nope, q_rope, k_nope, k_rope, v, segment_ids)
 
 
 class MLA(nnx.Module):
@@ -100,11 +129,7 @@ class MLA(nnx.Module):
         kv = sharding.constrain(kv, ("batch", "seq", "act_heads", None), self.mesh)
         k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
         if cfg.attention_impl == "pallas":
-            from pallas_kernels.mla_attention import mla_attention
-            o, _, max_logits = mla_attention(q_nope, q_rope, k_nope, k_rope, v, sm_scale=cfg.softmax_scale,
-                                             segment_ids=segment_ids, backend=cfg.pallas_backend,
-                                             interpret=cfg.pallas_interpret or None,
-                                             warp_specialized=cfg.pallas_warp_specialized)
+            o, max_logits = pallas_attention(cfg, self.mesh, q_nope, q_rope, k_nope, k_rope, v, segment_ids)
         else:
             o, max_logits = mla_attention_xla(q_nope, q_rope, k_nope, k_rope, v, sm_scale=cfg.softmax_scale,
                                               segment_ids=segment_ids)

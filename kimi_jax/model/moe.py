@@ -6,22 +6,32 @@ Router (fp32):  s = sigmoid(x W_gate)                        [T, E]
   weights:      g = s[selected] (unbiased), / sum(g) if norm_topk_prob, * routed_scaling_factor
 Output:         y = sum_k g_k Expert_{e_k}(x) + SharedExperts(x)
 
-Dispatch implementations (ModelConfig.moe_impl): "ragged_dot" (dropless: sort assignments by expert, grouped
-matmul with jax.lax.ragged_dot), "capacity" (each expert gets ceil(capacity_factor * T * k / E) slots, overflow
-dropped), "pallas" (dropless, the Pallas grouped matmul). With a mesh whose `expert` axis is > 1 (and
-ModelConfig.expert_parallel) the routed experts run expert-parallel, see kimi_jax/model/expert_parallel.py.
+Routing, dispatch, the routed experts and combine run in one explicit `shard_map` island over the mesh (the
+partitioner would replicate `top_k` and the sorts over the global token list): every device routes only its
+own tokens (the batch is split over data x fsdp x expert; tokens are replicated over `tensor`, whose devices
+split the experts' FFN columns and psum the output). Dispatch (ModelConfig.moe_impl, kimi_jax/model/dispatch.py):
+"ragged_dot" (dropless: sort assignments by expert, grouped matmul with jax.lax.ragged_dot), "capacity" (each
+expert gets ceil(capacity_factor * T_loc * k / E) slots of the device's T_loc tokens, overflow dropped), "pallas"
+(dropless, the Pallas grouped matmul). With a mesh whose `expert` axis is > 1 (and ModelConfig.expert_parallel)
+the routed experts run expert-parallel, see kimi_jax/model/expert_parallel.py. Dropped assignments (capacity
+dispatch, or an expert-parallel buffer sized by expert_parallel_capacity_factor) are reported as
+aux["dropped_fraction"].
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax import sharding
 from kimi_jax.config import ModelConfig
+from kimi_jax.model import kernels
+from kimi_jax.model.dispatch import capacity_moe, dropless_moe
+from kimi_jax.model.expert_parallel import expert_parallel_experts
 from kimi_jax.model.layers import MLP, make_param
 
 
@@ -41,64 +51,6 @@ def route(cfg: ModelConfig, router_logits: jax.Array, bias: jax.Array):
     if cfg.norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return topk_idx.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores
-
-
-def expert_ffn(x, gate_proj, up_proj, down_proj, group_sizes, impl: str, cfg: ModelConfig | None = None):
-    """Grouped SwiGLU over rows sorted by expert. x [m, hidden]; gate/up [G, hidden, F]; down [G, F, hidden];
-    group_sizes int32 [G] (rows past the sum come out as zeros) -> [m, hidden]. impl "pallas" uses the
-    Pallas grouped matmul with cfg.pallas_backend / cfg.pallas_interpret."""
-    if impl == "pallas":
-        from pallas_kernels.grouped_matmul import gmm
-        mm = lambda a, w: gmm(a, w, group_sizes, preferred_element_type=x.dtype, backend=cfg.pallas_backend,
-                              interpret=cfg.pallas_interpret or None,
-                              warp_specialized=cfg.pallas_warp_specialized)
-    else:
-        mm = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=x.dtype)
-    h = jax.nn.silu(mm(x, gate_proj)) * mm(x, up_proj)
-    out = mm(h, down_proj)
-    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], out, 0)
-
-
-def dropless_moe(x, topk_idx, topk_weights, w, n_experts: int, impl: str, cfg: ModelConfig | None = None):
-    """Sort assignments by expert, grouped matmul, unsort, weighted sum.
-
-    x [T, hidden]; topk_idx/topk_weights [T, k]; w = (gate [E,hidden,F], up, down [E,F,hidden]) -> [T, hidden].
-    """
-    t, k = topk_idx.shape
-    flat = topk_idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    y_sorted = expert_ffn(x[order // k], *w, group_sizes, impl, cfg)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-    return jnp.einsum("tkh,tk->th", y, topk_weights.astype(y.dtype))
-
-
-def rank_within_group(group: jax.Array, n_groups: int, sort_key: jax.Array | None = None) -> jax.Array:
-    """For each element of group int [N], its position among the elements of the same group, those ordered by
-    a stable sort of sort_key (default: group itself, i.e. index order within the group) -> int [N]."""
-    order = jnp.argsort(group if sort_key is None else sort_key, stable=True)
-    counts = jnp.bincount(group, length=n_groups)
-    starts = jnp.cumsum(counts) - counts
-    return jnp.zeros_like(group).at[order].set(jnp.arange(group.shape[0], dtype=group.dtype) - starts[group[order]])
-
-
-def capacity_moe(x, topk_idx, topk_weights, w, n_experts: int, capacity_factor: float):
-    """Fixed-capacity dispatch: C = ceil(capacity_factor * T * k / E) slots per expert; assignments past C in
-    token order are dropped (contribute 0). Shapes as dropless_moe."""
-    t, k = topk_idx.shape
-    capacity = max(1, math.ceil(capacity_factor * t * k / n_experts))
-    flat = topk_idx.reshape(-1)
-    slot = rank_within_group(flat, n_experts)                                          # [T*k] slot in its expert
-    keep = slot < capacity
-    tokens = jnp.repeat(x, k, axis=0)
-    buf = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)
-    buf = buf.at[flat, jnp.where(keep, slot, capacity)].set(tokens, mode="drop")
-    gate, up, down = w
-    h = jax.nn.silu(jnp.einsum("ech,ehf->ecf", buf, gate)) * jnp.einsum("ech,ehf->ecf", buf, up)
-    out = jnp.einsum("ecf,efh->ech", h, down)
-    y = jnp.where(keep[:, None], out[flat, jnp.minimum(slot, capacity - 1)], 0).reshape(t, k, -1)
-    return jnp.einsum("tkh,tk->th", y, topk_weights.astype(y.dtype))
 
 
 def sequence_balance_loss(scores: jax.Array, topk_idx: jax.Array, valid: jax.Array, top_k: int) -> jax.Array:
@@ -151,27 +103,64 @@ class MoE(nnx.Module):
             self.shared_experts = MLP(cfg, rngs, cfg.shared_intermediate_size, stack=stack)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array):
-        """x [b, s, hidden] -> (y [b, s, hidden], aux {expert_counts int32 [E], balance_loss fp32 []})."""
-        cfg = self.cfg
-        b, s, hdim = x.shape
-        tokens = x.reshape(b * s, hdim)
-        router_logits = jnp.dot(tokens.astype(jnp.float32), self.gate.kernel[...].astype(jnp.float32))
-        topk_idx, topk_weights, scores = route(cfg, router_logits, self.gate.e_score_correction_bias[...])
+        """x [b, s, hidden] -> (y [b, s, hidden], aux {expert_counts int32 [E], balance_loss fp32 [],
+        dropped_fraction fp32 []})."""
         w = tuple(p[...].astype(x.dtype) for p in (self.experts.gate_proj, self.experts.up_proj,
                                                      self.experts.down_proj))
-        if cfg.expert_parallel and sharding.axis_size(self.mesh, "expert") > 1:
-            from kimi_jax.model.expert_parallel import expert_parallel_moe
-            y = expert_parallel_moe(cfg, self.mesh, tokens, topk_idx, topk_weights, w)
-        elif cfg.moe_impl == "capacity":
-            y = capacity_moe(tokens, topk_idx, topk_weights, w, cfg.n_routed_experts, cfg.capacity_factor)
-        else:
-            y = dropless_moe(tokens, topk_idx, topk_weights, w, cfg.n_routed_experts, cfg.moe_impl, cfg)
-        y = y.reshape(b, s, hdim).astype(x.dtype)
-        if cfg.n_shared_experts:
+        y, aux = routed_experts(self.cfg, self.mesh, x, segment_ids, self.gate.kernel[...],
+                                self.gate.e_score_correction_bias[...], w)
+        if self.cfg.n_shared_experts:
             y = y + self.shared_experts(x)
-        valid = segment_ids != 0
-        counts = jnp.bincount(jnp.where(valid.reshape(-1, 1), topk_idx, cfg.n_routed_experts).reshape(-1),
-                              length=cfg.n_routed_experts + 1)[:-1].astype(jnp.int32)
-        balance = sequence_balance_loss(scores.reshape(b, s, -1), topk_idx.reshape(b, s, -1), valid,
-                                        cfg.num_experts_per_tok)
-        return y, {"expert_counts": counts, "balance_loss": balance}
+        return y, aux
+
+
+def routed_experts(cfg: ModelConfig, mesh, x, segment_ids, router_kernel, bias, w):
+    """The shard_map island: route, dispatch, routed experts, combine, statistics.
+
+    x [b, s, hidden] (batch split over data x fsdp x expert), segment_ids [b, s] (0 = padding), router_kernel
+    [hidden, E], bias [E], w = (gate [E, hidden, F], up [E, hidden, F], down [E, F, hidden]) in x.dtype
+    -> (y [b, s, hidden], aux). Inside, each device holds its own rows of x, the whole router, and the experts
+    of its `expert` shard (all experts without expert parallelism), FFN columns split over `tensor`.
+    """
+    if mesh is None:
+        return _local_moe(cfg, None, 1, x, segment_ids, router_kernel, bias, w)
+    cfg = kernels.resolved(cfg, mesh)
+    batch = sharding.logical_to_spec(("batch",), mesh)[0]
+    ep = sharding.axis_size(mesh, "expert") if cfg.expert_parallel else 1
+    experts = "expert" if ep > 1 else None
+    tensor = "tensor" if sharding.axis_size(mesh, "tensor") > 1 else None
+    body = functools.partial(_local_moe, cfg, mesh, ep)
+    in_specs = (P(batch, None, None), P(batch, None), P(None, None), P(None),
+                (P(experts, None, tensor), P(experts, None, tensor), P(experts, tensor, None)))
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(batch, None, None), P()),
+                         check_vma=False)(x, segment_ids, router_kernel, bias, w)
+
+
+def _local_moe(cfg: ModelConfig, mesh, ep: int, x, segment_ids, router_kernel, bias, w):
+    """One device's share (the whole computation without a mesh); shapes as routed_experts, local."""
+    b, s, hdim = x.shape
+    tokens = x.reshape(b * s, hdim)
+    router_logits = jnp.dot(tokens.astype(jnp.float32), router_kernel.astype(jnp.float32))
+    topk_idx, topk_weights, scores = route(cfg, router_logits, bias)
+    if ep > 1:
+        y, dropped = expert_parallel_experts(cfg, ep, kernels.platform(mesh), tokens, topk_idx, topk_weights, w)
+    elif cfg.moe_impl == "capacity":
+        y, dropped = capacity_moe(tokens, topk_idx, topk_weights, w, cfg.n_routed_experts, cfg.capacity_factor)
+    else:
+        y = dropless_moe(tokens, topk_idx, topk_weights, w, cfg.n_routed_experts, cfg.moe_impl, cfg)
+        dropped = jnp.zeros((), jnp.int32)
+    valid = segment_ids != 0
+    counts = jnp.bincount(jnp.where(valid.reshape(-1, 1), topk_idx, cfg.n_routed_experts).reshape(-1),
+                          length=cfg.n_routed_experts + 1)[:-1].astype(jnp.int32)
+    balance = b * sequence_balance_loss(scores.reshape(b, s, -1), topk_idx.reshape(b, s, -1), valid,
+                                        cfg.num_experts_per_tok)                       # summed over rows
+    stats = (counts, balance, dropped, jnp.asarray(b, jnp.float32))
+    if mesh is not None:
+        if sharding.axis_size(mesh, "tensor") > 1:
+            y = jax.lax.psum(y, "tensor")
+        batch_axes = tuple(a for a in sharding.MESH_AXES[:3] if sharding.axis_size(mesh, a) > 1)
+        stats = jax.lax.psum(stats, batch_axes) if batch_axes else stats
+    counts, balance, dropped, rows = stats
+    aux = {"expert_counts": counts, "balance_loss": balance / rows,
+           "dropped_fraction": dropped.astype(jnp.float32) / (rows * s * cfg.num_experts_per_tok)}
+    return y.reshape(b, s, hdim).astype(x.dtype), aux

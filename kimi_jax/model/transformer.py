@@ -50,15 +50,25 @@ class DecoderLayer(nnx.Module):
         return y, dict(aux, max_logits=max_logits)
 
 
-def scan_layers(layers: DecoderLayer, x, cos, sin, segment_ids, remat_policy: str):
-    """Run stacked layers over x with lax.scan; returns (x, aux stacked over layers)."""
+def scan_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cfg: ModelConfig, mesh=None):
+    """Run stacked layers over x with lax.scan; returns (x, aux stacked over layers).
+
+    On a mesh, each layer's parameter slice is pinned to its own (FSDP-sharded) layout inside the loop body, so
+    the all-gather of a layer's weights happens in its iteration and the gradients are reduce-scattered there,
+    instead of XLA gathering the whole stack before the loop (and all-reducing whole stacked gradients).
+    """
     graphdef, state = nnx.split(layers)
+    slices = None if mesh is None else sharding.layer_slice_shardings(state, mesh, sharding.rules_for(cfg))
 
     def body(carry, layer_state):
+        if slices is not None:
+            layer_state = jax.tree.map(
+                lambda v, s: v.replace(jax.lax.with_sharding_constraint(sharding.value_of(v), s)), layer_state,
+                slices, is_leaf=lambda v: isinstance(v, nnx.Variable))
         return nnx.merge(graphdef, layer_state)(carry, cos, sin, segment_ids)
 
-    if remat_policy != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     return jax.lax.scan(body, x, state)
 
 
@@ -113,12 +123,12 @@ class Transformer(nnx.Module):
         cos, sin = rope_cos_sin(cfg, positions)
         max_logits, aux = [], {}
         if cfg.num_dense_layers:
-            x, dense_aux = scan_layers(self.dense_layers, x, cos, sin, segment_ids, cfg.remat_policy)
+            x, dense_aux = scan_layers(self.dense_layers, x, cos, sin, segment_ids, cfg, self.mesh)
             max_logits.append(dense_aux["max_logits"])
         if cfg.num_moe_layers:
-            x, moe_aux = scan_layers(self.moe_layers, x, cos, sin, segment_ids, cfg.remat_policy)
+            x, moe_aux = scan_layers(self.moe_layers, x, cos, sin, segment_ids, cfg, self.mesh)
             max_logits.append(moe_aux["max_logits"])
-            aux = {"expert_counts": moe_aux["expert_counts"], "balance_loss": moe_aux["balance_loss"]}
+            aux = {k: moe_aux[k] for k in ("expert_counts", "balance_loss", "dropped_fraction")}
         aux["max_logits"] = jnp.concatenate(max_logits, axis=0)
         return self.norm(x), aux
 
@@ -126,7 +136,8 @@ class Transformer(nnx.Module):
         """input_ids int32 [b, s]; positions int32 [b, s] (default arange); segment_ids int32 [b, s]
         (packed sequences; 0 = padding; default all 1) -> (logits fp32 [b, s, vocab], aux) with
         aux["max_logits"] fp32 [num_hidden_layers, heads], aux["expert_counts"] int32 [num_moe_layers, E],
-        aux["balance_loss"] fp32 [num_moe_layers] (sequence-wise balance loss, unweighted)."""
+        aux["balance_loss"] fp32 [num_moe_layers] (sequence-wise balance loss, unweighted),
+        aux["dropped_fraction"] fp32 [num_moe_layers] (share of expert assignments dropped by a capacity)."""
         x, aux = self.hidden_states(input_ids, positions, segment_ids)
         return self.logits(x), aux
 

@@ -23,8 +23,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul import gpu
 from pallas_kernels.grouped_matmul import groups as groups_lib
 from pallas_kernels.grouped_matmul import reference
+from pallas_kernels.grouped_matmul import tpu
 
 __all__ = ["gmm", "tgmm"]
 
@@ -50,10 +52,7 @@ def _impls(backend: str, interpret, tiling):
   """(gmm_fn, tgmm_fn) with the reference.gmm_xla / tgmm_xla signatures."""
   if backend == "xla":
     return reference.gmm_xla, reference.tgmm_xla
-  if backend == "tpu":
-    from pallas_kernels.grouped_matmul import tpu as kernels
-  else:
-    from pallas_kernels.grouped_matmul import gpu as kernels
+  kernels = tpu if backend == "tpu" else gpu
   kw = dict(interpret=interpret, tiling=tiling)
   return (functools.partial(kernels.gmm, **kw),
           functools.partial(kernels.tgmm, **kw))
@@ -93,7 +92,6 @@ def _tiling(backend: str, tiling, warp_specialized: bool):
   if tiling is not None:
     return tuple(tiling)
   if backend == "gpu" and warp_specialized:
-    from pallas_kernels.grouped_matmul import gpu
     return gpu.WS_TILING
   return None
 

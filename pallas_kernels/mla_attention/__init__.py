@@ -29,9 +29,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mla_attention import common, reference
+from pallas_kernels.mla_attention import common, gpu, gpu_backward, gpu_decode, reference, tpu, tpu_decode
 
 BACKENDS = ("auto", "xla", "tpu", "gpu")
+_FORWARD = {"tpu": tpu.attention_forward, "gpu": gpu.attention_forward}
+_BACKWARD = {"tpu": tpu.attention_backward, "gpu": gpu_backward.attention_backward}
+_DECODE = {"tpu": tpu_decode, "gpu": gpu_decode}
 
 
 def resolve_backend(backend, dtype=None):
@@ -49,22 +52,6 @@ def resolve_backend(backend, dtype=None):
   return platform if platform in ("tpu", "gpu") else "xla"
 
 
-def _train_kernels(backend):
-  if backend == "tpu":
-    from pallas_kernels.mla_attention import tpu
-    return tpu
-  from pallas_kernels.mla_attention import gpu
-  return gpu
-
-
-def _decode_kernels(backend):
-  if backend == "tpu":
-    from pallas_kernels.mla_attention import tpu_decode
-    return tpu_decode
-  from pallas_kernels.mla_attention import gpu_decode
-  return gpu_decode
-
-
 def _gpu_options(backend, warp_specialized):
   """Keyword arguments of the GPU kernels for the warp-specialised variant (none elsewhere)."""
   return dict(consumers=2) if backend == "gpu" and warp_specialized else {}
@@ -73,8 +60,7 @@ def _gpu_options(backend, warp_specialized):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal, backend, interpret,
            warp_specialized):
-  train = _train_kernels(backend)
-  return train.attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale=sm_scale,
+  return _FORWARD[backend](q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale=sm_scale,
                                  causal=causal, interpret=interpret,
                                  **_gpu_options(backend, warp_specialized))
 
@@ -90,8 +76,7 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, segment_ids, sm_scale, causal,
 def _flash_bwd(sm_scale, causal, backend, interpret, warp_specialized, residuals, cotangents):
   q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse = residuals
   do, dlse, _ = cotangents  # max_logits is not differentiable.
-  train = _train_kernels(backend)
-  grads = train.attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse,
+  grads = _BACKWARD[backend](q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse,
                                    sm_scale=sm_scale, causal=causal, interpret=interpret,
                                    **_gpu_options(backend, warp_specialized))
   return (*grads, None)
@@ -121,8 +106,7 @@ def mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale, backend="au
   if backend == "xla":
     return reference.mla_decode_reference(q_latent, q_rope, c_kv, k_rope, lengths,
                                           sm_scale=float(sm_scale))
-  decode = _decode_kernels(backend)
-  return decode.decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
+  return _DECODE[backend].decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=float(sm_scale),
                        num_splits=num_splits, interpret=bool(interpret),
                        **_gpu_options(backend, warp_specialized))
 
@@ -139,7 +123,6 @@ def mla_decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, le
   if backend == "xla":
     return reference.mla_decode_paged_reference(q_latent, q_rope, c_kv_pages, k_rope_pages,
                                                 block_table, lengths, sm_scale=float(sm_scale))
-  decode = _decode_kernels(backend)
-  return decode.decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, lengths,
+  return _DECODE[backend].decode_paged(q_latent, q_rope, c_kv_pages, k_rope_pages, block_table, lengths,
                              sm_scale=float(sm_scale), num_splits=num_splits,
                              interpret=bool(interpret), **_gpu_options(backend, warp_specialized))

@@ -273,7 +273,7 @@ def _forward(qn, qr, kn, kr, v, seg, *, sm_scale, causal, block_q, block_k, cons
                     consumers=consumers)
 
 
-def _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
+def prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *blocks):
   """Pads the sequence to a multiple of every block (all are powers of two, multiples of 64)."""
   for block in blocks:
     if block % 64 or block & (block - 1):
@@ -297,35 +297,8 @@ def attention_forward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, sm_scal
   default_q, default_k = WS_BLOCKS if consumers == 2 else (BLOCK_Q, BLOCK_K)
   block_q, block_k = block_q or default_q, block_k or default_k
   s = q_nope.shape[1]
-  _, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
+  _, padded_args, seg = prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
                                  consumers * block_q, block_k)
   o, lse, row_max = _forward(*padded_args, seg, sm_scale=sm_scale, causal=causal, block_q=block_q,
                              block_k=block_k, consumers=consumers, interpret=interpret)
   return o[:, :s], lse[:, :, :s], common.finalize_max_logits(row_max[:, :, :s])
-
-
-def attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse, *, sm_scale,
-                       causal, interpret=False, dq_blocks=DQ_BLOCKS, dkv_blocks=DKV_BLOCKS,
-                       consumers=1):
-  """Flash backward. o/do [b,s,h,dv], lse/dlse [b,h,s]; returns (dq_nope, dq_rope, dk_nope, dk_rope, dv).
-
-  consumers=2 runs both kernels warp-specialised (each consumer warpgroup owns one block of rows).
-  """
-  from pallas_kernels.mla_attention import gpu_backward
-  check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
-  check_consumers(consumers, "backward")
-  s = q_nope.shape[1]
-  padded, padded_args, seg = _prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
-                                      consumers * dq_blocks[0], dq_blocks[1], dkv_blocks[0],
-                                      consumers * dkv_blocks[1])
-  delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-  rows = lambda x: common.pad_seq(x.astype(jnp.float32), padded, axis=2)
-  # Base-2 statistics: p = exp2(t - lse2) with t = logits * log2(e).
-  lse2 = rows(lse) * LOG2E
-  do_p = common.pad_seq(do.astype(q_nope.dtype), padded, axis=1)
-  grads = gpu_backward.backward(*padded_args, seg, do_p, lse2, rows(delta), sm_scale=sm_scale,
-                                causal=causal, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks,
-                                consumers=consumers, interpret=interpret)
-  dqn, dqr, dkn, dkr_heads, dvv = grads
-  dkr = jnp.sum(dkr_heads[:, :s], axis=2).astype(k_rope.dtype)
-  return dqn[:, :s], dqr[:, :s], dkn[:, :s], dkr, dvv[:, :s]

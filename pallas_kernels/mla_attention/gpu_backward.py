@@ -1,6 +1,6 @@
 """Mosaic GPU backward kernels of MLA flash attention: dq (per query tile) and dk/dv (per key tile).
 
-Inputs are padded to the blocks by `gpu.attention_backward`; lse2 = lse * log2(e) and
+`attention_backward` (the entry point) pads the inputs to the blocks; lse2 = lse * log2(e) and
 delta = rowsum(o * do) - dlse are fp32 [b, h, s]. With t = logits * log2(e) and p = exp2(t - lse2):
 ds = p * (do v^T - delta) * sm_scale, dq = ds k, dk = ds^T q, dv = p^T do. dk_rope is returned per head
 (fp32 [b, s, h, dr]) and summed over heads by the caller.
@@ -12,9 +12,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention import common
-from pallas_kernels.mla_attention.gpu import (COLS, LOG2E, ROWS, consumer_index, key_blocks,
-                                              load_tiles, per_consumer, pipelined,
-                                              query_tile_logits, run_kernel,
+from pallas_kernels.mla_attention.gpu import (COLS, DKV_BLOCKS, DQ_BLOCKS, LOG2E, ROWS,
+                                              check_consumers, check_dtypes, consumer_index,
+                                              key_blocks, load_tiles, per_consumer, pipelined,
+                                              prepare, query_tile_logits, run_kernel,
                                               scoped_per_consumer, stage, tile_spec, valid_tile,
                                               wgmma_tile)
 
@@ -200,3 +201,29 @@ def backward(qn, qr, kn, kr, v, seg, do, lse2, delta, *, dq_blocks, dkv_blocks, 
   dkn, dkr_heads, dvv = _dkv(qn, qr, kn, kr, v, seg, do, jnp.stack(stats, axis=2),
                              block_q=dkv_blocks[0], block_k=dkv_blocks[1], consumers=consumers, **kw)
   return dqn, dqr, dkn, dkr_heads, dvv
+
+
+def attention_backward(q_nope, q_rope, k_nope, k_rope, v, segment_ids, o, lse, do, dlse, *, sm_scale,
+                       causal, interpret=False, dq_blocks=DQ_BLOCKS, dkv_blocks=DKV_BLOCKS,
+                       consumers=1):
+  """Flash backward. o/do [b,s,h,dv], lse/dlse [b,h,s]; returns (dq_nope, dq_rope, dk_nope, dk_rope, dv).
+
+  consumers=2 runs both kernels warp-specialised (each consumer warpgroup owns one block of rows).
+  """
+  check_dtypes(q_nope, q_rope, k_nope, k_rope, v)
+  check_consumers(consumers, "backward")
+  s = q_nope.shape[1]
+  padded, padded_args, seg = prepare(q_nope, q_rope, k_nope, k_rope, v, segment_ids,
+                                      consumers * dq_blocks[0], dq_blocks[1], dkv_blocks[0],
+                                      consumers * dkv_blocks[1])
+  delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+  rows = lambda x: common.pad_seq(x.astype(jnp.float32), padded, axis=2)
+  # Base-2 statistics: p = exp2(t - lse2) with t = logits * log2(e).
+  lse2 = rows(lse) * LOG2E
+  do_p = common.pad_seq(do.astype(q_nope.dtype), padded, axis=1)
+  grads = backward(*padded_args, seg, do_p, lse2, rows(delta), sm_scale=sm_scale,
+                                causal=causal, dq_blocks=dq_blocks, dkv_blocks=dkv_blocks,
+                                consumers=consumers, interpret=interpret)
+  dqn, dqr, dkn, dkr_heads, dvv = grads
+  dkr = jnp.sum(dkr_heads[:, :s], axis=2).astype(k_rope.dtype)
+  return dqn[:, :s], dqr[:, :s], dkn[:, :s], dkr, dvv[:, :s]

@@ -96,9 +96,11 @@ def test_dropless_matches_loop(moe_inputs):
 def test_capacity_matches_loop(moe_inputs, capacity_factor):
     x, idx, w, weights = moe_inputs
     capacity = int(np.ceil(capacity_factor * idx.size / 8))
-    got = capacity_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), tuple(map(jnp.asarray, weights)), 8,
-                       capacity_factor)
+    got, dropped = capacity_moe(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), tuple(map(jnp.asarray, weights)),
+                                8, capacity_factor)
     np.testing.assert_allclose(got, np_experts(x, idx, w, *weights, capacity=capacity), rtol=1e-4, atol=1e-5)
+    want_dropped = sum(max(0, int(np.sum(idx == e)) - capacity) for e in range(8))
+    assert int(dropped) == want_dropped and (want_dropped > 0) == (capacity_factor < 8.0)
 
 
 def test_sequence_balance_loss_matches_numpy():
@@ -157,8 +159,65 @@ def test_ragged_expert_parallel_lowers_for_accelerators(platform, monkeypatch):
                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
     ids = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=jax.NamedSharding(mesh, P(("data", "fsdp", "expert"))))
     from kimi_jax.model import expert_parallel
-    monkeypatch.setattr(expert_parallel, "ragged_exchange", lambda: expert_parallel.ragged_all_to_all)
+    monkeypatch.setattr(expert_parallel, "ragged_exchange", lambda platform: expert_parallel.ragged_all_to_all)
     exported = jax.export.export(
         jax.jit(lambda st, i: nnx.merge(graphdef, st)(i)), platforms=[platform],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(state, ids)
     assert "ragged_all_to_all" in exported.mlir_module()
+
+
+def np_expert_parallel_keep(idx, blocks, ep, n_local, factor, impl):
+    """Which assignments (t, j) an expert-parallel exchange with capacity `factor` keeps. Token rows are split
+    into `blocks` equal blocks (devices of the batch split, the `expert` axis innermost); each group of `ep`
+    consecutive blocks exchanges over `expert`. all_to_all: each source keeps, per destination, its first
+    C = ceil(f T_loc k / EP) assignments ordered by expert, then token; ragged: each destination keeps the
+    first ceil(f T_loc k) rows in (source, expert, token) order."""
+    t, k = idx.shape
+    t_loc = t // blocks
+    keep = np.zeros((t, k), bool)
+    for group in range(blocks // ep):
+        received = {d: 0 for d in range(ep)}
+        for src in range(ep):
+            rows = range((group * ep + src) * t_loc, (group * ep + src + 1) * t_loc)
+            pairs = sorted(((idx[r, j], r, j) for r in rows for j in range(k)), key=lambda p: p[0])
+            for dest in range(ep):
+                mine = [p for p in pairs if p[0] // n_local == dest]
+                if impl == "all_to_all":
+                    kept = mine[:int(np.ceil(factor * t_loc * k / ep))]
+                else:
+                    room = int(np.ceil(factor * t_loc * k)) - received[dest]
+                    kept = mine[:max(room, 0)]
+                    received[dest] += len(mine)
+                for _, r, j in kept:
+                    keep[r, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("impl", ["all_to_all", "ragged_all_to_all"])
+@pytest.mark.parametrize("factor", [0.5, None])
+def test_expert_parallel_capacity_drops_exactly(impl, factor):
+    """The MoE island on an EP mesh against a NumPy emulation: the output is the loop over the assignments the
+    exchange keeps, and dropped_fraction counts the others."""
+    from kimi_jax.model.moe import routed_experts
+    cfg = kimi_jax.tiny(expert_parallel_impl=impl, expert_parallel_capacity_factor=factor)
+    e, h, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 6, h)).astype(np.float32)
+    kernel = rng.normal(scale=0.3, size=(h, e)).astype(np.float32)
+    kernel[:, 3] += 0.4                                                    # expert 3 is popular
+    bias = np.zeros(e, np.float32)
+    weights = [rng.normal(scale=0.3, size=s).astype(np.float32) for s in ((e, h, f), (e, h, f), (e, f, h))]
+    seg = np.ones((8, 6), np.int32)
+    mesh = sharding.make_mesh(1, 2, 2, 2)                                   # batch over fsdp x expert, EP 2, TP 2
+    y, aux = jax.jit(lambda *a: routed_experts(cfg, mesh, *a))(x, seg, kernel, bias, tuple(weights))
+    tokens = x.reshape(-1, h)
+    idx, w = np_route(cfg, tokens @ kernel, bias)
+    if factor is None:
+        keep = np.ones(idx.shape, bool)
+    else:
+        keep = np_expert_parallel_keep(idx, 4, 2, e // 2, factor, impl)
+    want = np_experts(tokens, idx, w * keep, *weights)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, h), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert float(aux["dropped_fraction"]) == pytest.approx(1 - keep.mean(), abs=1e-7)
+    assert (factor is None) == (keep.all())
+    np.testing.assert_array_equal(aux["expert_counts"], np.bincount(idx.reshape(-1), minlength=e))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mla_attention import gpu, gpu_decode, mla_attention, mla_decode, mla_decode_paged
+from pallas_kernels.mla_attention import gpu, gpu_backward, gpu_decode, mla_attention, mla_decode, mla_decode_paged
 from pallas_kernels.mla_attention import reference
 
 SCALE = 0.2
@@ -47,7 +47,7 @@ def test_gpu_attention_forward_and_backward(causal, packed):
   _, _, m_ref = reference.mla_attention_reference(*_f32(args), sm_scale=SCALE, segment_ids=seg,
                                                   causal=causal)
   np.testing.assert_allclose(max_logits, m_ref, atol=2e-2)
-  grads = gpu.attention_backward(*args, seg, o_ref.astype(jnp.bfloat16), lse_ref,
+  grads = gpu_backward.attention_backward(*args, seg, o_ref.astype(jnp.bfloat16), lse_ref,
                                  do.astype(jnp.bfloat16), dlse, sm_scale=SCALE, causal=causal,
                                  interpret=True)
   want = vjp((do.astype(jnp.bfloat16).astype(jnp.float32), dlse))
