@@ -1,11 +1,13 @@
 """The training loop: build (or resume) the state, run jitted steps, log, checkpoint, sample at the end.
 
 `train(config, workdir)` takes an ml_collections config (experiments/configs/*.py, get_config()) and:
-  - builds the mesh (config.mesh) and the model directly sharded on it,
+  - checks the config (check_config: a ValueError names the field) and builds the mesh (config.mesh) and the
+    model directly sharded on it,
   - resumes from the newest usable checkpoint in <workdir>/checkpoints (params, optimizer state, step, data
     iterator state), or starts fresh,
   - runs `config.steps` steps of kimi_jax.train.step, logging every `config.log_every` steps to the console
-    (progress bar), <workdir>/tensorboard and <workdir>/metrics.jsonl,
+    (progress bar), <workdir>/tensorboard and <workdir>/metrics.jsonl (one line per step: on resume, the lines
+    of steps after the checkpoint, logged by the run that died, are removed first),
   - saves asynchronously every `config.checkpoint_every` steps, at the end and on SIGTERM,
   - stops with a clear error after `config.train.max_consecutive_nonfinite` skipped (NaN/Inf) steps in a row,
   - prints a sample from the trained model.
@@ -134,6 +136,35 @@ def _pure(axes_state) -> dict:
     return out
 
 
+def check_config(config, mesh: jax.sharding.Mesh | None = None) -> None:
+    """Raises a ValueError naming the config field when a value would only fail later (a reshape error, a
+    division by zero, an error deep in the model's trace) or silently misbehave: steps >= 0; log_every,
+    checkpoint_every, keep_checkpoints, data.global_batch_size and train.microbatches >= 1; the per-step batch
+    divisible by train.microbatches and, with `mesh`, each microbatch by the mesh's batch split (data x fsdp x
+    expert, the ways the batch rows are sharded)."""
+    positive = {"config.log_every": config.log_every, "config.checkpoint_every": config.checkpoint_every,
+                "config.keep_checkpoints": config.keep_checkpoints,
+                "config.data.global_batch_size": config.data.global_batch_size,
+                "config.train.microbatches": config.train.microbatches}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(config.steps, int) or config.steps < 0:
+        raise ValueError(f"config.steps must be an integer >= 0, got {config.steps!r}")
+    batch, microbatches = config.data.global_batch_size, config.train.microbatches
+    if batch % microbatches:
+        raise ValueError(f"config.train.microbatches ({microbatches}) must divide the per-step batch "
+                         f"config.data.global_batch_size ({batch})")
+    split = sharding.batch_divisor(mesh)
+    if batch % split:
+        raise ValueError(f"config.data.global_batch_size ({batch}) must be divisible by the mesh's batch split "
+                         f"data x fsdp x expert = {split} (mesh {dict(mesh.shape)})")
+    if batch // microbatches % split:
+        raise ValueError(f"config.train.microbatches ({microbatches}) leaves {batch // microbatches} rows per "
+                         f"microbatch, not divisible by the mesh's batch split data x fsdp x expert = {split} "
+                         f"(mesh {dict(mesh.shape)})")
+
+
 def _check_streak(step: int, streak, limit: int) -> None:
     streak = int(streak)
     if streak >= limit:
@@ -147,6 +178,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     cfg = model_config(config.model)
     mesh = make_mesh(config.mesh)
+    check_config(config, mesh)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                              save_every=config.checkpoint_every, async_save=config.async_checkpoint)
     resume = ckpt.latest_step() is not None

@@ -10,6 +10,7 @@ average S/2 keys, forward 2 * S/2 * heads * (qk + v) per layer). MFU = achieved 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -25,6 +26,8 @@ PEAK_FLOPS = {
     "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
 }
 CPU_NOMINAL_PEAK = 1e11
+
+logger = logging.getLogger(__name__)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -45,7 +48,11 @@ def peak_flops_per_device(override: float | None = None) -> float:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to <workdir>/metrics.jsonl, writes TensorBoard events to
-    <workdir>/tensorboard, and shows a tqdm progress bar (process 0 only)."""
+    <workdir>/tensorboard, and shows a tqdm progress bar (process 0 only).
+
+    `initial_step` is the step the run starts from (the resumed checkpoint's, 0 for a fresh run). Lines of an
+    earlier run for later steps (logged before it died, after its last checkpoint) are removed from
+    metrics.jsonl first, so that the file keeps one line per step once this run logs those steps again."""
 
     def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
@@ -55,7 +62,9 @@ class MetricsWriter:
         import tqdm
         from tensorboardX import SummaryWriter
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_lines_after(path, initial_step)
+        self._jsonl = open(path, "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -81,6 +90,45 @@ class MetricsWriter:
             self._bar.close()
             self._tb.close()
             self._jsonl.close()
+
+
+def drop_lines_after(path: str, step: int) -> int:
+    """Rewrites the JSONL file `path` with one line per step up to `step`; returns how many lines went.
+
+    Removed: lines whose "step" is > `step`, lines that are not a whole JSON object with a step (a write cut
+    short), and all but the last line of a step logged twice (files written before abandoned steps were
+    removed: the later line is the run that went on). The file is replaced atomically (a temporary file, then
+    os.replace) and only when a line goes; a missing file stays missing."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    last = {}                                   # step -> index of its last line
+    for i, line in enumerate(lines):
+        logged = _step_of(line)
+        if logged is not None and logged <= step:
+            last[logged] = i
+    kept = [lines[i] for i in sorted(last.values())]
+    if len(kept) == len(lines):
+        return 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logger.info("Removed %d lines of steps after %d (or repeated) from %s.", len(lines) - len(kept), step, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    """The "step" of a whole metrics line (newline-terminated JSON object), else None."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _plain(v):

@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -18,6 +19,7 @@ from experiments.configs import small
 from experiments.configs.base import override
 from kimi_jax.data import ByteTokenizer, corpus_unigram_entropy, default_corpus_files
 from kimi_jax.train import loop
+from kimi_jax.train.metrics import MetricsWriter, drop_lines_after
 from kimi_jax.train.step import make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -38,12 +40,11 @@ def flags(**overrides):
 
 
 def read_losses(workdir):
-    """{step: loss} from metrics.jsonl (a resumed run re-logs steps after its checkpoint: the last one wins)."""
-    losses = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        losses[record["step"]] = record["loss"]
-    return losses
+    """{step: loss} from metrics.jsonl, which has one line per step (asserted)."""
+    records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), steps
+    return {r["step"]: r["loss"] for r in records}
 
 
 def run_train(workdir, *extra, devices=8, env_extra=None, wait=True):
@@ -116,10 +117,52 @@ def test_two_processes_match_one_process(tmp_path):
 def test_resume_onto_another_mesh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     loop.train(small_config(steps=4), tmp_path.name)                      # a relative workdir works too
+    logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    with open(tmp_path / "metrics.jsonl", "a") as f:                      # as if the run died at step 9
+        f.writelines(json.dumps({"step": s, "loss": -1.0}) + "\n" for s in range(5, 10))
+        f.write('{"step": 10, "lo')                                       # killed mid-write
     config = small_config(steps=6, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2})
     summary = loop.train(config, str(tmp_path))
     assert summary["step"] == 6 and np.isfinite(summary["loss"])
-    assert sorted(read_losses(tmp_path)) == list(range(1, 7))
+    losses = read_losses(tmp_path)                                        # one line per step
+    assert sorted(losses) == list(range(1, 7)) and all(loss > 0 for loss in losses.values())
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[:4] == logged
+
+
+def test_metrics_writer_drops_the_steps_after_the_resumed_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 31)]
+    path.write_text("".join(lines[:12] + lines[9:]))             # steps 10-12 logged twice (an older resume)
+    writer = MetricsWriter(str(tmp_path), total_steps=40, initial_step=20)
+    writer.write(21, {"loss": 0.5})
+    writer.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 22))
+    assert records[-1]["loss"] == 0.5 and path.read_text().startswith("".join(lines[:9]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]   # no temp file left
+    assert drop_lines_after(str(path), 21) == 0 and drop_lines_after(str(tmp_path / "none.jsonl"), 0) == 0
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.microbatches": 3}, r"config\.train\.microbatches \(3\) must divide the per-step batch "
+                                r"config\.data\.global_batch_size \(8\)"),
+    ({"train.microbatches": 0}, r"config\.train\.microbatches must be an integer >= 1, got 0"),
+    ({"train.microbatches": 2}, r"config\.train\.microbatches \(2\) leaves 4 rows per microbatch, not "
+                                r"divisible by the mesh's batch split .* = 8"),
+    ({"log_every": 0}, r"config\.log_every must be an integer >= 1, got 0"),
+    ({"checkpoint_every": -5}, r"config\.checkpoint_every must be an integer >= 1, got -5"),
+    ({"keep_checkpoints": 0}, r"config\.keep_checkpoints must be an integer >= 1, got 0"),
+    ({"steps": -1}, r"config\.steps must be an integer >= 0, got -1"),
+    ({"data.global_batch_size": 12}, r"config\.data\.global_batch_size \(12\) must be divisible by the "
+                                     r"mesh's batch split .* = 8"),
+])
+def test_config_errors_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        loop.train(small_config(**overrides), str(tmp_path))            # 8 devices: a batch split of 8
+    assert not list(tmp_path.iterdir())                                 # before anything was built or written
+    config = small_config(**{"train.microbatches": 2, "mesh.data": 4, "mesh.tensor": 2})
+    loop.check_config(config, loop.make_mesh(config.mesh))              # 4 rows per microbatch on 4: fine
 
 
 def test_convert_workdir_to_hf(tmp_path):
@@ -153,28 +196,90 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
         loop.train(config, str(tmp_path))
 
 
-def test_skipped_step_keeps_the_state_and_microbatches_add_up():
-    config = small_config(**{"mesh.data": 4, "mesh.tensor": 2})
+def one_step_setup(devices=None, **overrides):
+    """(cfg, graphdef, state, tx, lr, batch): the small model initialised on a mesh of `devices` (default: all 8
+    as data 4 x tensor 2), one batch."""
+    mesh = {"mesh.data": 4, "mesh.tensor": 2} if devices is None else {"mesh.data": len(devices)}
+    config = small_config(**{**mesh, "data.prefetch": 0, **overrides})
     cfg = loop.model_config(config.model)
-    mesh = loop.make_mesh(config.mesh)
-    graphdef, state, tx, lr = loop.init_state(config, cfg, mesh)
-    data = loop.data_input.make_input(config.data, cfg, seed=0)
-    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
-    one = jax.jit(make_train_step(graphdef, cfg, tx, lr, qk_clip_tau=100.0))
-    two = jax.jit(make_train_step(graphdef, cfg, tx, lr, microbatches=2, qk_clip_tau=100.0))
+    graphdef, state, tx, lr = loop.init_state(config, cfg, loop.make_mesh(config.mesh, devices))
+    batch = {k: jnp.asarray(v) for k, v in next(loop.data_input.make_input(config.data, cfg, seed=0)).items()}
+    return cfg, graphdef, state, tx, lr, batch
+
+
+CONSTANT_LR = {"optimizer.schedule": "constant", "optimizer.learning_rate": 1e-2}
+
+
+def test_skipped_step_keeps_the_state_and_microbatches_add_up():
+    cfg, graphdef, state, tx, lr, batch = one_step_setup(**CONSTANT_LR)
+    # Plain SGD at lr 1e-2: the update is -lr * gradient, so the parameters after one step compare the
+    # accumulated gradients themselves (AdamW's first step, ~lr * sign(g), would hide a wrong scale).
+    sgd = optax.sgd(lr)
+    state = state._replace(opt_state=sgd.init(state.params))
+    one = jax.jit(make_train_step(graphdef, cfg, sgd, lr, qk_clip_tau=100.0))
+    two = jax.jit(make_train_step(graphdef, cfg, sgd, lr, microbatches=2, qk_clip_tau=100.0))
     s1, m1 = one(state, batch)
     s2, m2 = two(state, batch)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(m1["lr"]) == pytest.approx(1e-2) and int(m1["skipped"]) == int(m2["skipped"]) == 0
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    step_of = lambda s: jax.tree.map(lambda a, b: np.asarray(a - b, np.float64), s.params, state.params)
+    one_step, two_steps = jax.tree.leaves(step_of(s1)), jax.tree.leaves(step_of(s2))
+    bias = s1.params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]       # moved by its own rule
+    norm = np.sqrt(sum(np.sum(d ** 2) for d in one_step) - np.sum(np.asarray(bias, np.float64) ** 2))
+    np.testing.assert_allclose(norm, 1e-2 * float(m1["grad_norm"]), rtol=1e-4)     # the parameters moved
+    # equal to 0.1% of each tensor's largest change, plus the rounding of the fp32 parameters themselves
+    for a, b, p in zip(two_steps, one_step, jax.tree.leaves(state.params)):
+        ulp = float(np.spacing(np.abs(np.asarray(p, np.float32)).max()))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b).max() + 2 * ulp)
     bad = dict(batch, loss_mask=batch["loss_mask"] * jnp.nan)
     s3, m3 = one(state, bad)
     assert int(m3["skipped"]) == 1 and int(s3.nonfinite_streak) == 1 and int(s3.step) == 1
     for a, b in zip(jax.tree.leaves((s3.params, s3.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
-    bias = s1.params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]
     assert float(jnp.abs(bias).max()) == pytest.approx(1e-3)   # one aux-loss-free update of size u
+
+
+def head_factors(gamma, parts):
+    """gamma [L, H] -> per-column factors [L, H * sum(widths)]: each head's parts scaled by gamma**power."""
+    cols = [np.repeat(gamma[:, :, None] ** power, width, axis=2) for width, power in parts]
+    return np.concatenate(cols, axis=2).reshape(gamma.shape[0], -1)
+
+
+def test_qk_clip_in_the_step_rescales_exactly_the_heads_above_tau():
+    cfg, graphdef, state, tx, lr, batch = one_step_setup(jax.devices()[:1], **CONSTANT_LR)   # muonclip
+    forward = jax.jit(lambda params, b: nnx.merge(graphdef, params).forward(
+        b["input_ids"], b["positions"], b["segment_ids"])[1]["max_logits"])
+    s_max = np.asarray(forward(state.params, batch), np.float64)                      # [layers, heads]
+    ordered = np.sort(s_max.ravel())
+    half = len(ordered) // 2
+    tau = float(ordered[half - 1] + ordered[half]) / 2                                # half of the heads above
+    assert ordered[half] - ordered[half - 1] > 1e-4 * ordered[half]     # no head on the edge of tau
+    plain, m0 = jax.jit(make_train_step(graphdef, cfg, tx, lr, qk_clip_tau=None))(state, batch)
+    clipped, m1 = jax.jit(make_train_step(graphdef, cfg, tx, lr, qk_clip_tau=tau))(state, batch)
+    np.testing.assert_allclose(m0["max_attention_logit"], ordered[-1], rtol=1e-5)   # the step saw these S_max
+    above = s_max > tau
+    assert float(m1["clipped_head_share"]) == pytest.approx(above.mean()) == 0.5
+    gamma = np.where(above, tau / s_max, 1.0)
+    assert gamma.min() < 0.99                                                         # a visible rescale
+
+    nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q_parts, kv_parts = ((nope, 0.5), (rope, 1.0)), ((nope, 0.5), (v, 0.0))
+    layers = {"dense_layers": slice(0, cfg.first_k_dense_replace),
+              "moe_layers": slice(cfg.first_k_dense_replace, cfg.num_hidden_layers)}
+    for stack, rows in layers.items():
+        for name, parts in (("q_b_proj", q_parts), ("kv_b_proj", kv_parts)):
+            got = np.asarray(clipped.params[stack]["self_attn"][name]["kernel"], np.float64)
+            unclipped = np.asarray(plain.params[stack]["self_attn"][name]["kernel"], np.float64)
+            factor = head_factors(gamma[rows], parts)[:, None, :]
+            np.testing.assert_allclose(got, unclipped * factor, rtol=1e-5, atol=1e-9)
+            kept = np.broadcast_to(factor == 1.0, got.shape)              # unclipped heads and v columns
+            np.testing.assert_allclose(got[kept], unclipped[kept], rtol=1e-6, atol=1e-9)
+            assert not np.allclose(got[~kept], unclipped[~kept], rtol=1e-3, atol=0)
+    clip_kernels = lambda path: any(k in ("q_b_proj", "kv_b_proj") for k in map(str, path))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(clipped.params), jax.tree.leaves(plain.params)):
+        if not clip_kernels([getattr(k, "key", k) for k in path]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=str(path))    # nothing else touched
 
 
 @pytest.mark.slow
