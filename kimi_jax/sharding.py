@@ -119,6 +119,8 @@ def logical_to_spec(axes: tuple[str | None, ...], mesh: Mesh, rules: Mapping = R
                     entries[i].append(target)
                     used.add(target)
                     break
+    while entries and not entries[-1]:      # canonical: no trailing Nones, as XLA's output shardings have them
+        entries.pop()
     return P(*[None if not e else e[0] if len(e) == 1 else tuple(e) for e in entries])
 
 

@@ -55,6 +55,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     })
     c.train = ml_collections.ConfigDict({
         "microbatches": 1,
+        "cross_entropy_chunk": 512,    # tokens of each sequence per lm_head block (0: full [b, s, vocab] logits)
         "balance_loss_alpha": 1e-4,
         "router_bias_update_rate": 1e-3,
         "max_consecutive_nonfinite": 5,

@@ -1,5 +1,9 @@
 """Kimi K2 pre-training shape: WSD 2e-4 (warm-up 500), weight decay 0.1, context 4096, MuonClip tau 100,
-bf16 compute with fp32 master weights, experts split 16 ways (K2 used 16-way EP)."""
+bf16 compute with fp32 master weights, experts split 16 ways (K2 used 16-way EP).
+
+Attention is the Pallas flash kernel (backend by the mesh's platform: Mosaic TPU on TPU, Mosaic GPU on Hopper,
+the XLA reference on CPU), never the O(s^2) XLA path on an accelerator. Expert-parallel receive buffers hold
+1.25x the mean load (dropped assignments are logged as dropped_token_fraction), not the EP x worst case."""
 
 from experiments.configs.base import base_config
 
@@ -9,6 +13,8 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "dots_with_no_batch_dims"
     c.model.expert_parallel_impl = "ragged_all_to_all"
+    c.model.expert_parallel_capacity_factor = 1.25
+    c.model.attention_impl = "pallas"
     c.mesh.update(data=1, fsdp=-1, expert=16, tensor=1)
     c.data.seq_len = 4096
     c.data.global_batch_size = 16384          # 67M tokens per step, as K2

@@ -77,14 +77,23 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     return sharding.make_mesh(**sizes, devices=devices)
 
 
+def step_kwargs(config) -> dict[str, Any]:
+    """make_train_step's keyword arguments from a training config (the loop's and ahead-of-time compiles')."""
+    return dict(microbatches=config.train.microbatches, balance_loss_alpha=config.train.balance_loss_alpha,
+                router_bias_update_rate=config.train.router_bias_update_rate,
+                qk_clip_tau=config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None,
+                ce_chunk=config.train.cross_entropy_chunk or None)
+
+
 def abstract_train_state(config, cfg: ModelConfig, mesh):
     """(graphdef, TrainState of ShapeDtypeStructs with their shardings, tx, lr schedule); nothing is allocated.
     The target of a restore, and the out_shardings of a fresh init."""
     graphdef, state = nnx.split(abstract_model(cfg, mesh))
     is_var = lambda x: isinstance(x, nnx.Variable)
     axes = _pure(jax.tree.map(lambda v: v.get_metadata()["axes"], state, is_leaf=is_var))
+    shardings = sharding.state_shardings(state, mesh, sharding.rules_for(cfg))
     params = nnx.to_pure_dict(jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
-                                           sharding.state_shardings(state, mesh), is_leaf=is_var))
+                                           shardings, is_leaf=is_var))
     tx, lr = make_optimizer(config.optimizer, config.steps, axes=axes,
                             shardings=jax.tree.map(lambda x: x.sharding, params))
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -183,12 +192,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                              save_every=config.checkpoint_every, async_save=config.async_checkpoint)
     resume = ckpt.latest_step() is not None
     graphdef, state, tx, lr = (abstract_train_state if resume else init_state)(config, cfg, mesh)
-    step_fn = jax.jit(make_train_step(graphdef, cfg, tx, lr, microbatches=config.train.microbatches,
-                                      balance_loss_alpha=config.train.balance_loss_alpha,
-                                      router_bias_update_rate=config.train.router_bias_update_rate,
-                                      qk_clip_tau=config.optimizer.qk_clip_tau
-                                      if config.optimizer.name == "muonclip" else None),
-                      donate_argnums=0)
+    step_fn = jax.jit(make_train_step(graphdef, cfg, tx, lr, **step_kwargs(config)), donate_argnums=0)
     data = data_input.make_input(config.data, cfg, seed=config.seed)
     save_run_config(config, workdir)
     if resume:                                     # straight into the abstract state: no throwaway init

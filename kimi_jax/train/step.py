@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kimi_jax import sharding
 from kimi_jax.model.moe import update_router_bias
 from kimi_jax.optim import qk_clip
 from kimi_jax.train.cross_entropy import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
@@ -40,6 +41,21 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def param_constraint(graphdef, cfg, params):
+    """A function pinning a pytree shaped like `params` (gradients) to the parameters' own shardings (identity
+    without a mesh): each microbatch's gradients are reduce-scattered onto the parameter shards instead of
+    all-reduced whole, and the accumulator lives on the shards."""
+    model = nnx.merge(graphdef, params)
+    if model.mesh is None:
+        return lambda tree: tree
+    state = nnx.state(model)
+    shardings = sharding.state_shardings(state, model.mesh, sharding.rules_for(cfg))
+    flat = [s for _, s in nnx.to_flat_state(shardings)]
+    treedef = jax.tree.structure(params)
+    shardings = jax.tree.unflatten(treedef, flat)
+    return lambda tree: jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
 
 def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule, *,
@@ -68,19 +84,21 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
 
     def step(state: TrainState, batch: dict):
         split = jax.tree.map(lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+        on_shards = param_constraint(graphdef, cfg, state.params)
 
         def accumulate(carry, micro):
-            grads, ce_sum, n, max_logits, counts = carry
+            grads, ce_sum, n, max_logits, counts, dropped = carry
             (_, (ce, tokens, aux)), g = grad_fn(state.params, micro)
             counts = counts + aux["expert_counts"] if "expert_counts" in aux else counts
-            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, n + tokens,
-                    jnp.maximum(max_logits, aux["max_logits"]), counts), None
+            dropped = dropped + jnp.mean(aux["dropped_fraction"]) if "dropped_fraction" in aux else dropped
+            return (on_shards(jax.tree.map(jnp.add, grads, on_shards(g))), ce_sum + ce, n + tokens,
+                    jnp.maximum(max_logits, aux["max_logits"]), counts, dropped), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = on_shards(jax.tree.map(jnp.zeros_like, state.params))
         n_moe = max(cfg.num_moe_layers, 0)
         init = (zeros, 0.0, 0.0, jnp.full((cfg.num_hidden_layers, cfg.num_attention_heads), -jnp.inf),
-                jnp.zeros((n_moe, cfg.n_routed_experts), jnp.int32))
-        (grads, ce_sum, n, max_logits, counts), _ = jax.lax.scan(accumulate, init, split)
+                jnp.zeros((n_moe, cfg.n_routed_experts), jnp.int32), 0.0)
+        (grads, ce_sum, n, max_logits, counts, dropped), _ = jax.lax.scan(accumulate, init, split)
         n = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
         loss = ce_sum / n
@@ -101,6 +119,7 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
                                                                  router_bias_update_rate)
             load = counts.astype(jnp.float32)
             metrics["expert_load_imbalance"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
+            metrics["dropped_token_fraction"] = dropped / microbatches
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             step=state.step + 1,
