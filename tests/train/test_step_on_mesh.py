@@ -71,3 +71,27 @@ def test_step_memory_does_not_grow_with_vocab_times_tokens():
         temps.append(jax.jit(step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
     extra_logits = 8 * 256 * 163840 * 4 / 8                         # fp32 logits of the added tokens, per device
     assert temps[1] - temps[0] < 0.1 * extra_logits, temps
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 64, 16, 1), (1, 128, 8, 1)])
+def test_k2_optimizer_state_per_device_is_the_ideal_share(mesh_shape):
+    """MuonClip's state (Muon momentum, AdamW moments) of K2 on 1,024 devices: each leaf above 1 MiB is laid out
+    like its parameter, and per device the state is within 5% of total / devices (expert and non-expert apart)."""
+    from experiments.configs.kimi_k2_1t import get_config
+    config = get_config()
+    cfg = loop.model_config(config.model)
+    mesh = jax.sharding.AbstractMesh(mesh_shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    _, state, _, _ = loop.abstract_train_state(config, cfg, mesh)
+    keys = lambda path: tuple(getattr(k, "key", None) for k in path)
+    by_path = {keys(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    total, local = {True: 0, False: 0}, {True: 0, False: 0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        if np.prod(leaf.shape) * leaf.dtype.itemsize <= 2 ** 20:
+            continue
+        param = next(by_path[keys(path)[i:]] for i in range(len(path)) if keys(path)[i:] in by_path)
+        assert leaf.shape == param.shape and leaf.sharding.spec == param.sharding.spec, jax.tree_util.keystr(path)
+        expert = "experts" in jax.tree_util.keystr(path)
+        total[expert] += np.prod(leaf.shape)
+        local[expert] += np.prod(leaf.sharding.shard_shape(leaf.shape))
+    for expert in (True, False):
+        assert local[expert] == pytest.approx(total[expert] / np.prod(mesh_shape), rel=0.05), expert
