@@ -131,7 +131,8 @@ def spec_axes(entry) -> tuple[str, ...]:
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes (size > 1) the batch is split over."""
-    return spec_axes(logical_to_spec(("batch",), mesh)[0])
+    spec = logical_to_spec(("batch",), mesh)
+    return spec_axes(spec[0]) if len(spec) else ()
 
 
 def check_mesh(cfg, mesh: Mesh) -> None:

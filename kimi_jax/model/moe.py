@@ -125,7 +125,7 @@ def routed_experts(cfg: ModelConfig, mesh, x, segment_ids, router_kernel, bias, 
     if mesh is None:
         return _local_moe(cfg, None, 1, x, segment_ids, router_kernel, bias, w)
     cfg = kernels.resolved(cfg, mesh)
-    batch = sharding.logical_to_spec(("batch",), mesh)[0]
+    batch = sharding.batch_axes(mesh) or None
     ep = sharding.axis_size(mesh, "expert") if cfg.expert_parallel else 1
     experts = "expert" if ep > 1 else None
     tensor = "tensor" if sharding.axis_size(mesh, "tensor") > 1 else None
