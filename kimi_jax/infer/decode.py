@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (registers jax config states at import, not mid-trace)
 import jax.numpy as jnp
 from flax import nnx
 
@@ -26,6 +27,7 @@ from kimi_jax import sharding
 from kimi_jax.infer.cache import KVCache, LayerCache, layer_stacks
 from kimi_jax.model.moe import MoE
 from kimi_jax.model.rope import rope_cos_sin
+from pallas_kernels.mla_attention import mla_decode
 
 DECODE_IMPLS = ("xla", "pallas")
 
@@ -62,17 +64,11 @@ class DecodeAttention:
     def __post_init__(self):
         if self.impl not in DECODE_IMPLS:
             raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {self.impl!r}")
-        if self.impl == "pallas":
-            # Imported before any trace: these imports register jax config states that are part of the tracing
-            # context, so importing them during the first trace would make the next call compile again.
-            import jax.experimental.pallas.fuser  # noqa: F401
-            import pallas_kernels.mla_attention  # noqa: F401
 
     def __call__(self, q_latent, q_rope, c_kv, k_rope, lengths, *, sm_scale: float):
         """Shapes as mla_decode_xla."""
         if self.impl == "xla":
             return mla_decode_xla(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale)
-        from pallas_kernels.mla_attention import mla_decode
         return mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=sm_scale, backend=self.backend,
                           interpret=self.interpret, warp_specialized=self.warp_specialized)
 
