@@ -1,0 +1,811 @@
+"""Statistics of a compiled (SPMD-partitioned) XLA program: memory, FLOPs, collectives, and a roofline estimate.
+
+All numbers are per device: `compiled.as_text()` is the partitioned per-device HLO module, and
+`memory_analysis()` / `cost_analysis()` describe that module. cost_analysis() counts the body of a while loop
+once (not times its trip count: checked on XLA:TPU and XLA:CPU), so for a step made of layer and microbatch
+scans its FLOPs and bytes are far below one step's; `dot_flops` (2 x multiply-adds of every dot, ragged dot and
+convolution, loop trip counts multiplied in) and `hbm_bytes` (operand + result bytes of unfused instructions,
+likewise) are the per-step figures. XLA:GPU's compile-only path reports no cost_analysis at all.
+
+Collectives are read from the HLO text. An instruction inside a while loop (the layer scans, the microbatch
+scan) counts trip-count times: the trip count is XLA's `known_trip_count` backend annotation where present
+(XLA:CPU/GPU), otherwise read from the loop condition (`i < N` with the induction variable's initial value;
+XLA:TPU replaces the annotation with its own backend config). Nested loops multiply. Instructions in fused,
+called and async-wrapped computations (async-start; XLA:TPU's SparseCore offloads, call-start) count once per
+call; both branches of a conditional count (an upper bound). Per collective two sizes are kept:
+
+  bytes       the buffer the collective works on, per device: all-gather its (gathered) result, reduce-scatter
+              its (unscattered) operand, all-reduce / all-to-all / collective-permute their operand,
+              ragged-all-to-all the smaller of its input and output buffers (the rows actually sent are data
+              dependent: this is what a device sends and receives when the load is balanced and the buffers
+              are full; a dropless receive buffer sized for the worst case is larger);
+  wire_bytes  what one device sends with a bandwidth-optimal algorithm over a group of n devices: all-gather and
+              reduce-scatter bytes * (n-1)/n, all-reduce 2 * bytes * (n-1)/n, (ragged-)all-to-all
+              bytes * (n-1)/n, collective-permute bytes.
+
+The roofline (`roofline`) is an ESTIMATE, not a measurement: max(FLOPs / peak, HBM bytes / HBM bandwidth) plus
+the collectives' wire bytes over the interconnect bandwidth (no overlap of communication with compute, and
+every collective at the chip's aggregate link bandwidth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                    "collective-permute", "collective-broadcast")
+
+_DTYPE_BYTES = {
+    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
+    "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "tf32": 4,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
+    "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5, "token": 0,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
+
+
+# ----------------------------------------------------------------------------------------------- HLO parsing
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str            # result shape text, layouts included (a tuple shape keeps its parentheses)
+    opcode: str
+    operands: list[str]   # operand instruction names (without %)
+    attrs: str            # the rest of the line after the operand list
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    is_entry: bool
+    instructions: list[Instruction]
+    root: str | None = None
+
+
+def _balanced(text: str, start: int, open_ch: str = "(", close_ch: str = ")") -> int:
+    """Index just past the bracket group opening at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == open_ch:
+            depth += 1
+        elif c == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced {open_ch}{close_ch} in HLO line: {text[:200]}")
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside (), [], {}."""
+    parts, depth, cur = [], 0, []
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*")
+
+
+def _parse_instruction(line: str) -> tuple[Instruction, bool] | None:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    is_root, name = bool(m.group(1)), m.group(2)
+    i = m.end()
+    if line[i] == "(":
+        j = _balanced(line, i)
+    else:
+        j = line.index(" ", i)
+    shape = line[i:j]
+    rest = line[j:].lstrip()
+    k = rest.find("(")
+    if k < 0:
+        return None
+    opcode = rest[:k].strip()
+    end = _balanced(rest, k)
+    operands = []
+    for op in _split_top(rest[k + 1:end - 1]):
+        refs = re.findall(r"%([^\s,()]+)", op)
+        if refs:
+            operands.append(refs[-1])
+        elif op and not re.match(r"^[a-z0-9]+\[", op):      # constants print their literal; keep the text
+            operands.append(op)
+    return Instruction(name, shape, opcode, operands, rest[end:]), is_root
+
+
+def parse_hlo(text: str) -> tuple[dict[str, Computation], dict[str, Any]]:
+    """HLO module text -> ({computation name: Computation}, module header attributes)."""
+    comps: dict[str, Computation] = {}
+    header: dict[str, Any] = {}
+    current: Computation | None = None
+    for line in text.splitlines():
+        if line.startswith("HloModule"):
+            m = re.search(r"num_partitions=(\d+)", line)
+            header["num_partitions"] = int(m.group(1)) if m else 1
+            m = re.search(r"replica_count=(\d+)", line)
+            header["replica_count"] = int(m.group(1)) if m else 1
+            continue
+        stripped = line.strip()
+        if current is None:
+            m = re.match(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$", line)
+            if m and not line.startswith(" "):
+                current = Computation(m.group(2), bool(m.group(1)), [])
+            continue
+        if stripped == "}":
+            comps[current.name] = current
+            current = None
+            continue
+        parsed = _parse_instruction(line)
+        if parsed is not None:
+            instr, is_root = parsed
+            current.instructions.append(instr)
+            if is_root:
+                current.root = instr.name
+    return comps, header
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape (a tuple counts all its elements); layouts and tilings are ignored."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(_strip_layouts(shape)):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d.replace("<=", "").strip())
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def shape_dims(shape: str) -> tuple[int, ...]:
+    m = _ARRAY.search(_strip_layouts(shape))
+    if not m:
+        return ()
+    return tuple(int(d.replace("<=", "").strip()) for d in m.group(2).split(",") if d.strip())
+
+
+def _strip_layouts(shape: str) -> str:
+    out, depth = [], 0
+    for c in shape:
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif depth == 0:
+            out.append(c)
+    return "".join(out)
+
+
+def _attr(attrs: str, key: str) -> str | None:
+    """The value text of `key=` in an attribute string (balanced braces / brackets kept)."""
+    m = re.search(r"(?:^|[\s,])" + re.escape(key) + r"=", attrs)
+    if not m:
+        return None
+    i = m.end()
+    if i < len(attrs) and attrs[i] in "{[":
+        close = "}" if attrs[i] == "{" else "]"
+        j = _balanced(attrs, i, attrs[i], close)
+        # iota replica groups: [2,4]<=[8] or [2,4]<=[4,2]T(1,0); mesh groups: mesh['x'=4] {'x'}
+        tail = re.match(r"<=\[[^\]]*\](T\([^)]*\))?", attrs[j:])
+        if tail:
+            j += tail.end()
+        return attrs[i:j]
+    m2 = re.match(r"mesh\[[^\]]*\]\s*\{[^}]*\}", attrs[i:])
+    if m2:
+        return m2.group(0)
+    m2 = re.match(r"[^,\s]+", attrs[i:])
+    return m2.group(0) if m2 else ""
+
+
+def _called(instr: Instruction) -> list[tuple[str, str]]:
+    """(role, computation name) pairs that this instruction calls."""
+    out = []
+    for key in ("calls", "body", "condition", "to_apply", "true_computation", "false_computation"):
+        v = _attr(instr.attrs, key)
+        if v:
+            for name in re.findall(r"%?([^\s,{}%]+)", v):
+                out.append((key, name))
+    v = _attr(instr.attrs, "branch_computations")
+    if v:
+        out += [("branch", n) for n in re.findall(r"%([^\s,{}]+)", v)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- replica groups
+
+def group_info(instr: Instruction, num_devices: int) -> tuple[int | None, list[list[int]] | None, tuple | None]:
+    """(group size, explicit groups of device ids or None, (mesh axis sizes dict, group axes) or None)."""
+    rg = _attr(instr.attrs, "replica_groups")
+    if rg is None or rg in ("{}", ""):
+        return num_devices, [list(range(num_devices))], None
+    if rg.startswith("mesh["):
+        m = re.match(r"mesh\[([^\]]*)\]\s*\{([^}]*)\}", rg)
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))}
+        axes = tuple(re.findall(r"'([^']+)'", m.group(2)))
+        size = math.prod(sizes[a] for a in axes if a in sizes) if axes else 1
+        return size, None, (sizes, axes)
+    if rg.startswith("["):
+        m = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rg)
+        if m:
+            shape = [int(x) for x in m.group(1).split(",")]
+            reshape = [int(x) for x in m.group(2).split(",")]
+            perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
+            import numpy as np
+            ids = np.arange(math.prod(reshape)).reshape(reshape)
+            if perm:
+                ids = ids.transpose(perm)
+            ids = ids.reshape(shape[0], -1)
+            return ids.shape[1], ids.tolist(), None
+        return None, None, None
+    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", rg[1:-1])]
+    groups = [g for g in groups if g]
+    if not groups:
+        return num_devices, [list(range(num_devices))], None
+    return len(groups[0]), groups, None
+
+
+def _permute_pairs(instr: Instruction) -> list[tuple[int, int]]:
+    v = _attr(instr.attrs, "source_target_pairs") or ""
+    return [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", v)]
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+@dataclasses.dataclass
+class CollectiveRecord:
+    kind: str
+    shape: str             # shape of the buffer that `bytes` measures (layouts stripped)
+    bytes: float           # per execution, per device
+    wire_bytes: float      # per execution, per device
+    group_size: int | None
+    count: float           # executions per step (loop trip counts multiplied in)
+    groups: str            # the replica_groups / source_target_pairs text
+    slow_network: bool | None = None   # crosses slices / hosts (DCN, InfiniBand); None: unknown
+    name: str = ""
+    computation: str = ""
+    larger_buffer: float | None = None     # ragged-all-to-all: the larger of its input and output buffers
+
+
+@dataclasses.dataclass
+class HloStats:
+    collectives: list[CollectiveRecord]
+    dot_flops: float                 # 2 * multiply-adds of dot / ragged-dot / convolution, loops counted
+    ragged_dot_flops: float          # of which ragged-dot kernels (XLA:TPU custom calls), on full buffers
+    hbm_bytes: float                 # operand + result bytes of unfused instructions, loops counted (estimate)
+    while_loops: list[dict]          # {"name", "trip_count", "source"}
+    notes: list[str]
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for c in self.collectives:
+            d = out.setdefault(c.kind, {"count": 0.0, "bytes": 0.0, "wire_bytes": 0.0, "slow_wire_bytes": 0.0})
+            d["count"] += c.count
+            d["bytes"] += c.count * c.bytes
+            d["wire_bytes"] += c.count * c.wire_bytes
+            if c.slow_network:
+                d["slow_wire_bytes"] += c.count * c.wire_bytes
+        return out
+
+    def total(self, key: str = "bytes") -> float:
+        return sum(v[key] for v in self.by_kind().values())
+
+    def ragged_fill(self) -> float | None:
+        """How full the ragged exchange buffers are when the load is balanced: smaller / larger buffer of the
+        ragged-all-to-alls (a dropless receive buffer is sized for every row landing on one device)."""
+        pairs = [(c.count * c.bytes, c.count * c.larger_buffer) for c in self.collectives
+                 if c.kind == "ragged-all-to-all" and c.larger_buffer]
+        return sum(p[0] for p in pairs) / sum(p[1] for p in pairs) if pairs else None
+
+    def compute_flops(self) -> float:
+        """dot_flops with the ragged-dot kernels counted at the ragged exchange's balanced fill (their rows are
+        the received rows); the figure the roofline estimate uses."""
+        fill = self.ragged_fill()
+        return self.dot_flops - self.ragged_dot_flops * (1 - fill) if fill is not None else self.dot_flops
+
+    def top(self, n: int = 10) -> list[dict]:
+        """The n largest collectives by per-step bytes; identical (kind, shape, group) ones merged."""
+        merged: dict[tuple, dict] = {}
+        for c in self.collectives:
+            key = (c.kind, _strip_layouts(c.shape), c.group_size, c.slow_network)
+            d = merged.setdefault(key, {"kind": c.kind, "shape": _strip_layouts(c.shape), "group_size": c.group_size,
+                                        "slow_network": c.slow_network, "count": 0.0, "bytes_each": c.bytes,
+                                        "bytes": 0.0, "wire_bytes": 0.0})
+            d["count"] += c.count
+            d["bytes"] += c.count * c.bytes
+            d["wire_bytes"] += c.count * c.wire_bytes
+        return sorted(merged.values(), key=lambda d: -d["bytes"])[:n]
+
+
+def _trip_count(instr: Instruction, comps: dict[str, Computation], defs: dict[str, Instruction]):
+    """(trip count or None, how it was found) of a while instruction: XLA's known_trip_count, else the loop
+    condition `counter < constant` (or <=, >, >=; possibly inside a fusion) with the counter's initial value
+    from the while operand (a step of 1, as jax's scan and fori_loop count)."""
+    m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instr.attrs)
+    if m:
+        return int(m.group(1)), "known_trip_count"
+    cond_name = _attr(instr.attrs, "condition")
+    cond = comps.get((cond_name or "").lstrip("%"))
+    if cond is None or cond.root is None:
+        return None, "unknown"
+    local = {i.name: i for i in cond.instructions}
+    root = local[cond.root]
+    if root.opcode == "fusion":           # compare fused with its constant: look inside
+        callee = comps.get((_attr(root.attrs, "calls") or "").lstrip("%"))
+        if callee is not None and callee.root is not None:
+            inner = {i.name: i for i in callee.instructions}
+            croot = inner[callee.root]
+            if croot.opcode == "compare":
+                resolved = []
+                for op in croot.operands:
+                    x = inner.get(op)
+                    if x is not None and x.opcode == "parameter":
+                        idx = int(x.operands[0]) if x.operands else 0
+                        resolved.append(local.get(root.operands[idx]))
+                    else:
+                        resolved.append(x)
+                return _compare_trip(croot, resolved, instr, defs, local)
+        return None, "unknown"
+    if root.opcode != "compare":
+        return None, "unknown"
+    return _compare_trip(root, [local.get(o) for o in root.operands], instr, defs, local)
+
+
+def _constant_value(x: Instruction | None, table: dict[str, Instruction]) -> int | None:
+    for _ in range(8):
+        if x is None:
+            return None
+        if x.opcode == "constant":
+            try:
+                return int(x.operands[0]) if x.operands else None
+            except ValueError:
+                return None
+        if x.opcode in ("copy", "bitcast", "convert", "reshape") and x.operands:
+            x = table.get(x.operands[0])
+            continue
+        return None
+    return None
+
+
+def _compare_trip(cmp: Instruction, sides: list, while_instr: Instruction, defs, local):
+    direction = (re.search(r"direction=(\w+)", cmp.attrs) or [None, None])[1]
+    if len(sides) != 2:
+        return None, "unknown"
+    a, b = sides
+    limit_b, limit_a = _constant_value(b, local), _constant_value(a, local)
+    if limit_b is not None and a is not None and a.opcode == "get-tuple-element":
+        index, limit, op = int(re.search(r"index=(\d+)", a.attrs).group(1)), limit_b, direction
+    elif limit_a is not None and b is not None and b.opcode == "get-tuple-element":
+        index, limit = int(re.search(r"index=(\d+)", b.attrs).group(1)), limit_a
+        op = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
+    else:
+        return None, "unknown"
+    init, source = None, "condition"
+    tup = defs.get(while_instr.operands[0]) if while_instr.operands else None
+    if tup is not None and tup.opcode == "tuple" and index < len(tup.operands):
+        init = _constant_value(defs.get(tup.operands[index]), defs)
+    if init is None:
+        init, source = 0, "condition (initial value not a constant: 0 assumed)"
+    if op == "LT":
+        return max(limit - init, 0), source
+    if op == "LE":
+        return max(limit - init + 1, 0), source
+    return None, "unknown"
+
+
+def analyze_hlo(text: str, *, device_domain: list[int] | None = None, mesh_axis_domains=None) -> HloStats:
+    """Collectives (with loop multiplicities), dot FLOPs and an HBM traffic estimate of a per-device HLO module.
+
+    device_domain: optional, domain id (TPU slice, GPU host) of every device id of the module's device
+    assignment; collectives whose group spans several domains are marked slow_network.
+    mesh_axis_domains: optional callable(axes tuple) -> bool, for `replica_groups=mesh[...] {axes}` groups: True
+    when groups over these mesh axes span several domains.
+    """
+    comps, header = parse_hlo(text)
+    num_devices = header.get("num_partitions", 1) * header.get("replica_count", 1)
+    defs = {i.name: i for c in comps.values() for i in c.instructions}
+    entry = next((c for c in comps.values() if c.is_entry), None)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    notes, loops = [], []
+    num_domains = len(set(device_domain)) if device_domain else 1
+    if device_domain is not None and num_devices < len(device_domain):
+        # XLA:TPU multi-slice: one module per slice; its replica groups stay inside the slice and the
+        # cross-slice (DCN) collectives are megascale send/recv pairs
+        notes.append(f"per-slice module ({num_devices} of {len(device_domain)} devices): cross-slice collectives "
+                     f"are the megascale sends, counted as DCN collectives over {num_domains} slices")
+        device_domain, mesh_axis_domains = [0] * num_devices, (lambda axes: False)
+    memo: dict[tuple[str, bool], tuple[dict, list[float]]] = {}
+
+    def visit(name: str, fused: bool, stack: tuple = ()) -> tuple[dict, list[float]]:
+        """({record id: [record, count]}, [dot flops, of which ragged-dot kernels, HBM bytes]) of one execution
+        of computation `name`, callees included. fused: inside a fusion (its memory traffic is the fusion
+        instruction's)."""
+        if (name, fused) in memo:
+            return memo[(name, fused)]
+        if name in stack:
+            raise ValueError(f"recursive HLO call graph at {name}")
+        comp = comps[name]
+        counts: dict[int, list] = {}
+        totals = [0.0, 0.0, 0.0]
+        for instr in comp.instructions:
+            ragged = _ragged_kernel_flops(instr, defs)
+            totals[0] += _dot_flops(instr, defs) + ragged
+            totals[1] += ragged
+            if not fused:
+                totals[2] += _hbm_bytes(instr, defs, comps)
+            kind = _collective_kind(instr.opcode)
+            if kind is not None:
+                r = _record(kind, instr, defs, num_devices, device_domain, mesh_axis_domains, comp.name)
+                counts[id(r)] = [r, 1.0]
+            elif instr.opcode == "send" and "_xla_megascale_transfer_type" in instr.attrs:
+                r = _megascale_record(instr, defs, num_domains, comp.name)
+                counts[id(r)] = [r, 1.0]
+            if instr.opcode.endswith("-update") or instr.opcode.endswith("-done"):
+                continue       # the same wrapped computation as its async-start / call-start
+            factor_for = {}
+            if instr.opcode == "while":
+                trip, source = _trip_count(instr, comps, defs)
+                loops.append({"name": instr.name, "computation": name, "trip_count": trip, "source": source})
+                if trip is None:
+                    notes.append(f"while {instr.name}: trip count unknown, counted once")
+                    trip = 1
+                factor_for = {"body": trip, "condition": trip + 1}
+            for role, callee in _called(instr):
+                if callee not in comps or (role == "to_apply" and instr.opcode != "call-start"):
+                    continue           # reducers of reduce / all-reduce / sort / scatter: no collectives or dots
+                factor = factor_for.get(role, 1)
+                if role in ("branch", "true_computation", "false_computation"):
+                    note = f"conditional {instr.name}: every branch counted (upper bound)"
+                    if note not in notes:
+                        notes.append(note)
+                sub, sub_totals = visit(callee, fused or instr.opcode == "fusion", stack + (name,))
+                totals = [t + factor * u for t, u in zip(totals, sub_totals)]
+                for key, (r, c) in sub.items():
+                    counts.setdefault(key, [r, 0.0])[1] += factor * c
+        memo[(name, fused)] = (counts, totals)
+        return memo[(name, fused)]
+
+    counts, (flops, ragged, hbm) = visit(entry.name, False)
+    records = [dataclasses.replace(r, count=c) for r, c in counts.values()]
+    if ragged:
+        notes.append("ragged-dot kernels (grouped matmuls of the experts) counted over their whole row buffers: "
+                     "an upper bound, the rows actually used are data dependent")
+    return HloStats(records, flops, ragged, hbm, loops, notes)
+
+
+_NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "async-start", "async-update", "async-done",
+               "call-start", "call-update", "call-done",
+               "copy-start", "copy-done", "opt-barrier", "add-dependency", "domain", "iota"}
+
+
+def _hbm_bytes(instr: Instruction, defs, comps) -> float:
+    """Operand + result bytes of an unfused instruction (what HloCostAnalysis calls bytes accessed, roughly).
+    Slices read only what they return; in-place updates (dynamic-update-slice, scatter, fusions rooted in one)
+    move only the update; a fusion operand that the fusion only slices counts as the slices' sizes."""
+    if (instr.opcode in _NO_TRAFFIC or instr.opcode.endswith("-done") or instr.opcode.endswith("-update")
+            or instr.opcode == "call-start"):
+        return 0.0             # async wrappers (XLA:TPU SparseCore offloads: call-start): their callee counts
+    operand_bytes = [shape_bytes(defs[o].shape) if o in defs else 0.0 for o in instr.operands]
+    result = shape_bytes(instr.shape)
+    if instr.opcode in ("dynamic-slice", "slice", "gather"):
+        return 2 * result
+    if instr.opcode in ("dynamic-update-slice", "scatter"):
+        update = operand_bytes[1] if instr.opcode == "dynamic-update-slice" else operand_bytes[-1]
+        return 2 * update
+    if instr.opcode == "fusion":
+        callee = comps.get((_attr(instr.attrs, "calls") or "").lstrip("%"))
+        if callee is not None:
+            return _fusion_bytes(callee, operand_bytes, result)
+    return sum(operand_bytes) + result
+
+
+def _fusion_bytes(comp: Computation, operand_bytes: list[float], result: float) -> float:
+    local = {i.name: i for i in comp.instructions}
+    users: dict[str, list[Instruction]] = {}
+    for i in comp.instructions:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+
+    def through_bitcasts(name):
+        out = []
+        for u in users.get(name, []):
+            if u.opcode in ("bitcast", "reshape") and u.operands and u.operands[0] == name:
+                out += through_bitcasts(u.name)
+            else:
+                out.append((name, u))
+        return out
+
+    total = 0.0
+    root = local.get(comp.root) if comp.root else None
+    roots = [local.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+    for i in comp.instructions:
+        if i.opcode != "parameter":
+            continue
+        try:
+            k = int(i.operands[0])
+        except (IndexError, ValueError):
+            continue
+        full = operand_bytes[k] if k < len(operand_bytes) else shape_bytes(i.shape)
+        uses = through_bitcasts(i.name)
+        if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == src
+                        for src, u in uses):
+            total += min(full, sum(shape_bytes(u.shape) for _, u in uses))
+        elif uses and all(u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] == src
+                          for src, u in uses):
+            pass                                   # the buffer updated in place: only the update moves
+        else:
+            total += full
+    out = 0.0
+    for r in roots:
+        if r is None:
+            continue
+        if r.opcode == "dynamic-update-slice" and len(r.operands) > 1 and r.operands[1] in local:
+            out += shape_bytes(local[r.operands[1]].shape)
+        elif r.opcode == "scatter" and r.operands and r.operands[-1] in local:
+            out += shape_bytes(local[r.operands[-1]].shape)
+        else:
+            out += shape_bytes(r.shape)
+    return total + (out if root is not None else result)
+
+
+def _collective_kind(opcode: str) -> str | None:
+    base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    return base if base in COLLECTIVE_KINDS else None
+
+
+def _record(kind, instr: Instruction, defs, num_devices, device_domain, mesh_axis_domains, comp_name):
+    operand_shapes = [defs[o].shape if o in defs else "" for o in instr.operands]
+    size, groups, mesh_group = group_info(instr, num_devices)
+    n = size or 1
+    if kind == "all-gather":
+        in_bytes = sum(shape_bytes(s) for s in operand_shapes)
+        if instr.opcode.endswith("-start") or size is None:
+            result = instr.shape
+            nbytes = shape_bytes(result) - (in_bytes if instr.opcode.endswith("-start") else 0)
+            shape = result
+        else:
+            nbytes, shape = shape_bytes(instr.shape), instr.shape
+        if size is not None and in_bytes:
+            nbytes = in_bytes * n
+        wire = nbytes * (n - 1) / n
+    elif kind == "ragged-all-to-all":
+        buffers = sorted((shape_bytes(sh), sh) for sh in operand_shapes[:2]) or [(shape_bytes(instr.shape),
+                                                                                   instr.shape)]
+        nbytes, shape = buffers[0]
+        larger = buffers[-1][0]
+        wire = nbytes * (n - 1) / n
+    elif kind == "collective-permute":
+        shape = operand_shapes[0] if operand_shapes else instr.shape
+        nbytes = shape_bytes(shape)
+        wire = nbytes
+    else:
+        shape = ", ".join(operand_shapes) if len(operand_shapes) > 1 else (operand_shapes[0] if operand_shapes
+                                                                           else instr.shape)
+        nbytes = sum(shape_bytes(s) for s in operand_shapes) or shape_bytes(instr.shape)
+        wire = nbytes * (n - 1) / n * (2 if kind == "all-reduce" else 1)
+    slow = None
+    if kind == "collective-permute":
+        pairs = _permute_pairs(instr)
+        if device_domain is not None and pairs:
+            slow = any(device_domain[a] != device_domain[b] for a, b in pairs
+                       if a < len(device_domain) and b < len(device_domain))
+        groups_text = _attr(instr.attrs, "source_target_pairs") or ""
+    else:
+        groups_text = _attr(instr.attrs, "replica_groups") or "{}"
+        if mesh_group is not None and mesh_axis_domains is not None:
+            slow = bool(mesh_axis_domains(mesh_group[1]))
+        elif groups is not None and device_domain is not None:
+            slow = any(len({device_domain[d] for d in g if d < len(device_domain)}) > 1 for g in groups)
+        elif device_domain is not None and len(set(device_domain)) == 1:
+            slow = False
+    return CollectiveRecord(kind, _strip_layouts(shape), nbytes, wire, size, 1.0, groups_text, slow,
+                            instr.name, comp_name, larger if kind == "ragged-all-to-all" else None)
+
+
+def _megascale_record(instr: Instruction, defs, num_slices: int, comp_name: str) -> CollectiveRecord:
+    """A cross-slice collective of XLA:TPU multi-slice (a send to the megascale runtime): the buffer is this
+    device's part (the in-slice reduce-scatter already applied)."""
+    transfer = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', instr.attrs).group(1)
+    kind = transfer.lower().replace("_", "-")
+    shape = defs[instr.operands[0]].shape if instr.operands and instr.operands[0] in defs else instr.shape
+    buffer = shape_bytes(shape)
+    n = max(num_slices, 1)
+    if kind == "all-gather":
+        nbytes, wire = buffer * n, buffer * (n - 1)
+    elif kind == "all-reduce":
+        nbytes, wire = buffer, 2 * buffer * (n - 1) / n
+    else:
+        nbytes, wire = buffer, buffer * (n - 1) / n
+    target = re.search(r'_xla_megascale_target="([^"]*)"', instr.attrs)
+    return CollectiveRecord(kind, _strip_layouts(shape), nbytes, wire, n, 1.0,
+                            "megascale " + (target.group(1) if target else ""), True, instr.name, comp_name)
+
+
+def _ragged_kernel_flops(instr: Instruction, defs) -> float:
+    """2 * multiply-adds of a ragged dot that XLA:TPU turned into a kernel (a custom call whose op_name ends
+    in ragged-dot, or with a ragged_dot_tiling): out [M, N] = x [M, K] . w [G, K, N], or the weight gradient
+    out [G, A, B] from x [M, A], y [M, B]. Counted over the whole buffers (every row of M)."""
+    if instr.opcode != "custom-call" or not ("ragged_dot_tiling" in instr.attrs
+                                             or re.search(r'op_name="[^"]*ragged-dot-(?!metadata)', instr.attrs)):
+        return 0.0
+    out = shape_dims(instr.shape)
+    data = [shape_dims(defs[o].shape) for o in instr.operands if o in defs and len(shape_dims(defs[o].shape)) >= 2]
+    if len(data) < 2:
+        return 0.0
+    if len(out) == 2:
+        x = next((d for d in data if len(d) == 2 and d[0] == out[0]), None)
+        return 2.0 * out[0] * x[1] * out[1] if x else 0.0
+    if len(out) == 3:
+        rows = [d for d in data if len(d) == 2]
+        return 2.0 * rows[0][0] * out[1] * out[2] if len(rows) >= 2 else 0.0
+    return 0.0
+
+
+def _dot_flops(instr: Instruction, defs) -> float:
+    if instr.opcode == "dot":
+        out = math.prod(shape_dims(instr.shape))
+        lhs = defs.get(instr.operands[0]) if instr.operands else None
+        if lhs is None:
+            return 0.0
+        dims = shape_dims(lhs.shape)
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        contract = [int(d) for d in m.group(1).split(",") if d] if m else []
+        return 2.0 * out * math.prod(dims[d] for d in contract)
+    if instr.opcode == "ragged-dot":
+        out = math.prod(shape_dims(instr.shape))
+        lhs = defs.get(instr.operands[0]) if instr.operands else None
+        if lhs is None:
+            return 0.0
+        dims = shape_dims(lhs.shape)
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        contract = [int(d) for d in m.group(1).split(",") if d] if m else [len(dims) - 1]
+        return 2.0 * out * math.prod(dims[d] for d in contract)
+    if instr.opcode == "convolution":
+        # XLA:TPU writes batched matmuls as convolutions whose batch dims are spatial dims with window size B,
+        # lhs_dilate B (one real tap per window): taps per spatial dim = min(ceil(size / lhs_dilate), input size)
+        out = math.prod(shape_dims(instr.shape))
+        if len(instr.operands) < 2 or instr.operands[0] not in defs or instr.operands[1] not in defs:
+            return 0.0
+        m = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->", instr.attrs)
+        if not m:
+            return 0.0
+        lhs_labels, rhs_labels = m.group(1), m.group(2)
+        ldims, kdims = shape_dims(defs[instr.operands[0]].shape), shape_dims(defs[instr.operands[1]].shape)
+        if len(lhs_labels) != len(ldims) or len(rhs_labels) != len(kdims):
+            return 0.0
+        window = _attr(instr.attrs, "window") or ""
+        nsp = sum(c.isdigit() for c in rhs_labels)
+        size = _window_field(window, "size", nsp)
+        dilate = _window_field(window, "lhs_dilate", nsp)
+        taps = 1
+        for k in range(nsp):
+            taps *= min(-(-size[k] // dilate[k]), ldims[lhs_labels.index(str(k))])
+        return 2.0 * out * kdims[rhs_labels.index("i")] * taps
+    return 0.0
+
+
+def _window_field(window: str, key: str, n: int) -> list[int]:
+    m = re.search(r"(?:^|[\s{])" + key + r"=([\dx]+)", window)
+    return [int(v) for v in m.group(1).split("x")] if m else [1] * n
+
+
+# ------------------------------------------------------------------------------------------- memory / cost
+
+def memory_stats(compiled) -> dict[str, float]:
+    """Per-device bytes from compiled.memory_analysis(); total = arguments + outputs + temps - aliases."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
+            "host_temp_size_in_bytes", "host_alias_size_in_bytes")
+    out = {k.replace("_size_in_bytes", ""): float(getattr(m, k, 0) or 0) for k in keys}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def cost_stats(compiled) -> dict[str, float]:
+    """flops, bytes accessed (and transcendentals, optimal_seconds where reported) from cost_analysis(),
+    per device, while-loop bodies counted once; {} where the backend reports none."""
+    c = compiled.cost_analysis()
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else {}
+    c = c or {}
+    out = {}
+    for k in ("flops", "bytes accessed", "transcendentals", "optimal_seconds"):
+        if k in c:
+            out[k.replace(" ", "_")] = float(c[k])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- chips
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    name: str
+    peak_flops: float        # dense bf16 FLOP/s per chip (one JAX device)
+    hbm_bytes: float         # per chip
+    hbm_bandwidth: float     # bytes/s per chip
+    ici_bandwidth: float     # bytes/s per chip, aggregate over its fast links (ICI / NVLink), both directions
+    dcn_bandwidth: float     # bytes/s per chip across slices / hosts (DCN / InfiniBand), assumed
+    source: str
+
+
+GiB = 1024 ** 3
+# Vendor figures (cloud.google.com/tpu/docs/<version>, NVIDIA H100/H200 datasheets); "ICI" = aggregate
+# interconnect bandwidth per chip as the vendor states it (Gbps / 8). TPU HBM is the capacity XLA reports as
+# usable where known (v5p: 95.74 GiB). DCN per chip is an assumption (one 200 Gbps NIC per 4-chip host for TPU,
+# one 400 Gbps InfiniBand NIC per GPU).
+CHIPS: dict[str, ChipSpec] = {
+    "v5p": ChipSpec("TPU v5p", 459e12, 95.74 * GiB, 2765e9, 4800e9 / 8, 200e9 / 8 / 4,
+                    "Google: 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI 4800 Gbps/chip"),
+    "v6e": ChipSpec("TPU v6e", 918e12, 31.25 * GiB, 1640e9, 3584e9 / 8, 200e9 / 8 / 4,
+                    "Google: 918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, ICI 3584 Gbps/chip"),
+    "v5e": ChipSpec("TPU v5e", 197e12, 15.75 * GiB, 819e9, 1600e9 / 8, 200e9 / 8 / 4,
+                    "Google: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 1600 Gbps/chip"),
+    "v4": ChipSpec("TPU v4", 275e12, 32 * GiB, 1228e9, 2400e9 / 8, 200e9 / 8 / 4,
+                   "Google: 275 TFLOP/s bf16, 32 GiB HBM2 at 1228 GB/s, ICI 6 links (~2400 Gbps/chip assumed)"),
+    "h100": ChipSpec("H100 SXM", 989e12, 80e9, 3.35e12, 900e9, 400e9 / 8,
+                     "NVIDIA: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s"),
+    "h200": ChipSpec("H200 SXM", 989e12, 141e9, 4.8e12, 900e9, 400e9 / 8,
+                     "NVIDIA: 989 TFLOP/s dense bf16, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s"),
+    "h800": ChipSpec("H800 SXM", 989e12, 80e9, 3.35e12, 400e9, 400e9 / 8,
+                     "NVIDIA: as H100 with NVLink 400 GB/s"),
+}
+
+
+def roofline(flops: float, hbm_bytes: float, ici_wire_bytes: float, slow_wire_bytes: float, chip: ChipSpec,
+             model_flops: float | None = None) -> dict[str, float]:
+    """An ESTIMATE of the step time per device (seconds) from per-device counts:
+    compute = flops / peak, memory = hbm_bytes / HBM bandwidth, ici = fast-link wire bytes / ICI (NVLink)
+    bandwidth, dcn = cross-slice (cross-host) wire bytes / DCN (IB) bandwidth;
+    step = max(compute, memory) + ici + dcn (no overlap of communication); step_overlapped = max of all four.
+    MFU estimate = model_flops (per device) / (step * peak)."""
+    compute = flops / chip.peak_flops
+    memory = hbm_bytes / chip.hbm_bandwidth
+    ici = ici_wire_bytes / chip.ici_bandwidth
+    dcn = slow_wire_bytes / chip.dcn_bandwidth
+    step = max(compute, memory) + ici + dcn
+    out = {"compute_s": compute, "hbm_s": memory, "ici_s": ici, "dcn_s": dcn, "step_s": step,
+           "step_overlapped_s": max(compute, memory, ici, dcn)}
+    if model_flops is not None:
+        out["model_flops"] = model_flops
+        out["mfu"] = model_flops / (step * chip.peak_flops) if step else float("nan")
+        out["mfu_overlapped"] = (model_flops / (out["step_overlapped_s"] * chip.peak_flops)
+                                 if out["step_overlapped_s"] else float("nan"))
+    return out
+
+
+def to_json(obj) -> str:
+    def default(o):
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if hasattr(o, "item"):
+            return o.item()
+        return str(o)
+    return json.dumps(obj, indent=1, default=default)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1024 ** 4), ("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
