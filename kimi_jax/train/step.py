@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kimi_jax import sharding
 from kimi_jax.model.moe import update_router_bias
@@ -41,6 +42,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def split_microbatches(batch: dict, microbatches: int, mesh) -> dict:
+    """[B, ...] arrays -> [microbatches, B / microbatches, ...]; microbatch m takes rows m, m + microbatches, ...,
+    so every device's rows are spread evenly over the microbatches and each microbatch stays split over the
+    batch axes like the batch (a contiguous split would hand each microbatch to a few devices)."""
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1)
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.batch_axes(mesh) or None)))
+    return jax.tree.map(split, batch)
 
 
 def param_constraint(graphdef, cfg, params):
@@ -83,7 +96,7 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
-        split = jax.tree.map(lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+        split = split_microbatches(batch, microbatches, nnx.merge(graphdef, state.params).mesh)
         on_shards = param_constraint(graphdef, cfg, state.params)
 
         def accumulate(carry, micro):
