@@ -486,6 +486,15 @@ def analyze_hlo(text: str, *, device_domain: list[int] | None = None, mesh_axis_
     if ragged:
         notes.append("ragged-dot kernels (grouped matmuls of the experts) counted over their whole row buffers: "
                      "an upper bound, the rows actually used are data dependent")
+    kernels = sorted({re.sub(r"\d+", "#", (re.search(r'op_name="([^"]*)"', i.attrs) or [None, i.name])[1])
+                      for c in comps.values() for i in c.instructions
+                      if i.opcode == "custom-call" and not _ragged_kernel_flops(i, defs)
+                      and re.search(r'custom_call_target="(tpu_custom_call|mosaic_gpu[^"]*|__gpu\$xla\.gpu\.triton)"',
+                                    i.attrs)
+                      and "ragged-dot-metadata" not in i.attrs})
+    if kernels:
+        notes.append(f"{len(kernels)} custom kernels (Pallas / Mosaic / Triton) are not in the dot FLOPs, e.g. "
+                     + ", ".join(k.rsplit("/", 2)[-2] if "/" in k else k for k in kernels[:3]))
     return HloStats(records, flops, ragged, hbm, loops, notes)
 
 
