@@ -118,26 +118,37 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(max_logits))
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(operands):
+            params, opt_state, grads, max_logits, counts = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            clipped = jnp.zeros(())
+            if qk_clip_tau is not None:
+                params, clip_stats = qk_clip(params, max_logits, qk_clip_tau, config=cfg, check_finite=False)
+                clipped = clip_stats["clipped_fraction"]
+            if n_moe:
+                gate = params["moe_layers"]["mlp"]["gate"]
+                gate["e_score_correction_bias"] = update_router_bias(gate["e_score_correction_bias"], counts,
+                                                                     router_bias_update_rate)
+            return params, opt_state, clipped
+
+        def skip(operands):
+            return operands[0], operands[1], jnp.zeros(())
+
+        # a cond, not a select between old and new trees: the update runs in place on the donated state, and the
+        # old and new parameters and optimizer state are never held at once
+        params, opt_state, clipped = jax.lax.cond(finite, update, skip,
+                                                  (state.params, state.opt_state, grads, max_logits, counts))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "max_attention_logit": jnp.max(max_logits)}
         if qk_clip_tau is not None:
-            safe = jnp.where(finite, max_logits, 0.0)
-            params, clip_stats = qk_clip(params, safe, qk_clip_tau, config=cfg, check_finite=False)
-            metrics["clipped_head_share"] = clip_stats["clipped_fraction"]
+            metrics["clipped_head_share"] = clipped
         if n_moe:
-            gate = params["moe_layers"]["mlp"]["gate"]
-            gate["e_score_correction_bias"] = update_router_bias(gate["e_score_correction_bias"], counts,
-                                                                 router_bias_update_rate)
             load = counts.astype(jnp.float32)
             metrics["expert_load_imbalance"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
             metrics["dropped_token_fraction"] = dropped / microbatches
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
