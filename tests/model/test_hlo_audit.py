@@ -8,6 +8,7 @@
   matmul FLOPs each device does are within 10% of the single-device total / devices.
 """
 
+import functools
 import re
 
 import jax
@@ -24,7 +25,7 @@ from kimi_jax import sharding
 B, S = 8, 40                       # 320 global tokens, 640 expert assignments (top-2): shapes no weight has
 MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 4, 1), (1, 1, 8, 1)]
 PALLAS = dict(attention_impl="pallas", moe_impl="pallas", pallas_backend="tpu", pallas_interpret=True)
-CFG = kimi_jax.tiny(expert_parallel_capacity_factor=1.0)
+CFG = kimi_jax.tiny(expert_parallel_capacity_factor=1.0).replace(num_hidden_layers=2)   # a dense and a MoE layer
 GLOBAL_TOKENS = re.compile(rf"\[({B},{S}|{B * S}|{B * S * CFG.num_experts_per_tok})[,\]]"
                            rf"|,({B * S}|{B * S * CFG.num_experts_per_tok})[,\]]")
 
@@ -46,6 +47,7 @@ def loss_and_inputs(cfg, mesh):
     return jax.value_and_grad(loss), (state, ids)
 
 
+@functools.cache
 def compiled(cfg, mesh):
     fn, args = loss_and_inputs(cfg, mesh)
     return jax.jit(fn).lower(*args).compile()
