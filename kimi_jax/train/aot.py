@@ -25,6 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from kimi_jax import sharding
 from kimi_jax.train import hlo_stats, loop
+from kimi_jax.train.chips import CHIPS, ChipSpec, roofline
 from kimi_jax.train.metrics import flops_per_token
 from kimi_jax.train.step import make_train_step
 
@@ -213,15 +214,15 @@ def gpu_topology(name: str) -> list:
                                              topology=f"1x{spec['nodes']}x8").devices)
 
 
-def chip_for(devices: Sequence, family: str | None = None) -> hlo_stats.ChipSpec | None:
+def chip_for(devices: Sequence, family: str | None = None) -> ChipSpec | None:
     """The spec table entry for a topology family or the devices' device_kind."""
-    if family in hlo_stats.CHIPS:
-        return hlo_stats.CHIPS[family]
+    if family in CHIPS:
+        return CHIPS[family]
     kind = str(getattr(devices[0], "device_kind", "")).lower()
     for key, name in (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5p", "v5p"),
                       ("tpu v5", "v5p"), ("tpu v4", "v4"), ("h100", "h100"), ("h200", "h200"), ("h800", "h800")):
         if key in kind:
-            return hlo_stats.CHIPS[name]
+            return CHIPS[name]
     return None
 
 
@@ -284,7 +285,7 @@ def mesh_axis_domains(mesh: Mesh, domains_by_device: dict):
 
 # ------------------------------------------------------------------------------------------------ analysis
 
-def analyze(compiled, config, mesh: Mesh, *, chip: hlo_stats.ChipSpec | None = None,
+def analyze(compiled, config, mesh: Mesh, *, chip: ChipSpec | None = None,
             hlo_text: str | None = None) -> dict[str, Any]:
     """Per-device statistics of a compiled train step: memory (vs the chip's HBM), FLOPs (cost_analysis and
     counted from the HLO dots; model FLOPs from kimi_jax.train.metrics), HBM traffic, collectives by kind, the
@@ -332,13 +333,13 @@ def analyze(compiled, config, mesh: Mesh, *, chip: hlo_stats.ChipSpec | None = N
             memory["hbm_capacity"] = chip.hbm_bytes
             memory["used_fraction"] = memory["total"] / chip.hbm_bytes
             memory["headroom"] = chip.hbm_bytes - memory["total"]
-        report["roofline_estimate"] = hlo_stats.roofline(hs.compute_flops(), hs.hbm_bytes, wire - slow, slow,
-                                                         chip, model_flops=model_flops)
+        report["roofline_estimate"] = roofline(hs.compute_flops(), hs.hbm_bytes, wire - slow, slow, chip,
+                                               model_flops=model_flops)
     return report
 
 
 def compile_and_analyze(config, devices: Sequence, *, mesh: Mesh | None = None,
-                        chip: hlo_stats.ChipSpec | None = None) -> tuple[Any, dict[str, Any]]:
+                        chip: ChipSpec | None = None) -> tuple[Any, dict[str, Any]]:
     """lower_train_step + compile + analyze, timed; returns (compiled, report). When XLA reports that the
     program does not fit in device memory, returns (None, report) with report["fits"] False and what XLA said
     (report["oom"]: the bytes required and available, and XLA:TPU's memory usage report from its log)."""
@@ -371,7 +372,7 @@ def _gib(text: str) -> float:
     return float(m.group(1)) * units[m.group(2)] if m else float("nan")
 
 
-def oom_report(message: str, config, mesh: Mesh, chip: hlo_stats.ChipSpec | None, log_rows: int = 20) -> dict:
+def oom_report(message: str, config, mesh: Mesh, chip: ChipSpec | None, log_rows: int = 20) -> dict:
     """The report of a compile that ran out of device memory: XLA's message, required / available bytes, and
     the first rows of XLA:TPU's memory usage report (largest buffers; read from this process's libtpu log)."""
     devices = list(mesh.devices.flat)

@@ -1,4 +1,5 @@
-"""Statistics of a compiled (SPMD-partitioned) XLA program: memory, FLOPs, collectives, and a roofline estimate.
+"""Statistics of a compiled (SPMD-partitioned) XLA program: memory, FLOPs, HBM traffic and collectives (the
+roofline estimate from them: kimi_jax.train.chips; the HLO text parsing: kimi_jax.train.hlo_parse).
 
 All numbers are per device: `compiled.as_text()` is the partitioned per-device HLO module, and
 `memory_analysis()` / `cost_analysis()` describe that module. cost_analysis() counts the body of a while loop
@@ -22,10 +23,6 @@ call; both branches of a conditional count (an upper bound). Per collective two 
   wire_bytes  what one device sends with a bandwidth-optimal algorithm over a group of n devices: all-gather and
               reduce-scatter bytes * (n-1)/n, all-reduce 2 * bytes * (n-1)/n, (ragged-)all-to-all
               bytes * (n-1)/n, collective-permute bytes.
-
-The roofline (`roofline`) is an ESTIMATE, not a measurement: max(FLOPs / peak, HBM bytes / HBM bandwidth) plus
-the collectives' wire bytes over the interconnect bandwidth (no overlap of communication with compute, and
-every collective at the chip's aggregate link bandwidth).
 """
 
 from __future__ import annotations
@@ -34,235 +31,12 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any
+
+from kimi_jax.train.hlo_parse import (Computation, Instruction, attr, called, group_info, parse_hlo, permute_pairs,
+                                      shape_bytes, shape_dims, strip_layouts, trip_count)
 
 COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                     "collective-permute", "collective-broadcast")
-
-_DTYPE_BYTES = {
-    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
-    "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "tf32": 4,
-    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
-    "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5, "token": 0,
-}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
-
-
-# ----------------------------------------------------------------------------------------------- HLO parsing
-
-@dataclasses.dataclass
-class Instruction:
-    name: str
-    shape: str            # result shape text, layouts included (a tuple shape keeps its parentheses)
-    opcode: str
-    operands: list[str]   # operand instruction names (without %)
-    attrs: str            # the rest of the line after the operand list
-
-
-@dataclasses.dataclass
-class Computation:
-    name: str
-    is_entry: bool
-    instructions: list[Instruction]
-    root: str | None = None
-
-
-def _balanced(text: str, start: int, open_ch: str = "(", close_ch: str = ")") -> int:
-    """Index just past the bracket group opening at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == open_ch:
-            depth += 1
-        elif c == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    raise ValueError(f"unbalanced {open_ch}{close_ch} in HLO line: {text[:200]}")
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas outside (), [], {}."""
-    parts, depth, cur = [], 0, []
-    for c in text:
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        if c == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-    if "".join(cur).strip():
-        parts.append("".join(cur))
-    return [p.strip() for p in parts]
-
-
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*")
-
-
-def _parse_instruction(line: str) -> tuple[Instruction, bool] | None:
-    m = _INSTR.match(line)
-    if not m:
-        return None
-    is_root, name = bool(m.group(1)), m.group(2)
-    i = m.end()
-    if line[i] == "(":
-        j = _balanced(line, i)
-    else:
-        j = line.index(" ", i)
-    shape = line[i:j]
-    rest = line[j:].lstrip()
-    k = rest.find("(")
-    if k < 0:
-        return None
-    opcode = rest[:k].strip()
-    end = _balanced(rest, k)
-    operands = []
-    for op in _split_top(rest[k + 1:end - 1]):
-        refs = re.findall(r"%([^\s,()]+)", op)
-        if refs:
-            operands.append(refs[-1])
-        elif op and not re.match(r"^[a-z0-9]+\[", op):      # constants print their literal; keep the text
-            operands.append(op)
-    return Instruction(name, shape, opcode, operands, rest[end:]), is_root
-
-
-def parse_hlo(text: str) -> tuple[dict[str, Computation], dict[str, Any]]:
-    """HLO module text -> ({computation name: Computation}, module header attributes)."""
-    comps: dict[str, Computation] = {}
-    header: dict[str, Any] = {}
-    current: Computation | None = None
-    for line in text.splitlines():
-        if line.startswith("HloModule"):
-            m = re.search(r"num_partitions=(\d+)", line)
-            header["num_partitions"] = int(m.group(1)) if m else 1
-            m = re.search(r"replica_count=(\d+)", line)
-            header["replica_count"] = int(m.group(1)) if m else 1
-            continue
-        stripped = line.strip()
-        if current is None:
-            m = re.match(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$", line)
-            if m and not line.startswith(" "):
-                current = Computation(m.group(2), bool(m.group(1)), [])
-            continue
-        if stripped == "}":
-            comps[current.name] = current
-            current = None
-            continue
-        parsed = _parse_instruction(line)
-        if parsed is not None:
-            instr, is_root = parsed
-            current.instructions.append(instr)
-            if is_root:
-                current.root = instr.name
-    return comps, header
-
-
-def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape (a tuple counts all its elements); layouts and tilings are ignored."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(_strip_layouts(shape)):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d.replace("<=", "").strip())
-        total += n * _DTYPE_BYTES[dtype]
-    return total
-
-
-def shape_dims(shape: str) -> tuple[int, ...]:
-    m = _ARRAY.search(_strip_layouts(shape))
-    if not m:
-        return ()
-    return tuple(int(d.replace("<=", "").strip()) for d in m.group(2).split(",") if d.strip())
-
-
-def _strip_layouts(shape: str) -> str:
-    out, depth = [], 0
-    for c in shape:
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-        elif depth == 0:
-            out.append(c)
-    return "".join(out)
-
-
-def _attr(attrs: str, key: str) -> str | None:
-    """The value text of `key=` in an attribute string (balanced braces / brackets kept)."""
-    m = re.search(r"(?:^|[\s,])" + re.escape(key) + r"=", attrs)
-    if not m:
-        return None
-    i = m.end()
-    if i < len(attrs) and attrs[i] in "{[":
-        close = "}" if attrs[i] == "{" else "]"
-        j = _balanced(attrs, i, attrs[i], close)
-        # iota replica groups: [2,4]<=[8] or [2,4]<=[4,2]T(1,0); mesh groups: mesh['x'=4] {'x'}
-        tail = re.match(r"<=\[[^\]]*\](T\([^)]*\))?", attrs[j:])
-        if tail:
-            j += tail.end()
-        return attrs[i:j]
-    m2 = re.match(r"mesh\[[^\]]*\]\s*\{[^}]*\}", attrs[i:])
-    if m2:
-        return m2.group(0)
-    m2 = re.match(r"[^,\s]+", attrs[i:])
-    return m2.group(0) if m2 else ""
-
-
-def _called(instr: Instruction) -> list[tuple[str, str]]:
-    """(role, computation name) pairs that this instruction calls."""
-    out = []
-    for key in ("calls", "body", "condition", "to_apply", "true_computation", "false_computation"):
-        v = _attr(instr.attrs, key)
-        if v:
-            for name in re.findall(r"%?([^\s,{}%]+)", v):
-                out.append((key, name))
-    v = _attr(instr.attrs, "branch_computations")
-    if v:
-        out += [("branch", n) for n in re.findall(r"%([^\s,{}]+)", v)]
-    return out
-
-
-# ---------------------------------------------------------------------------------------- replica groups
-
-def group_info(instr: Instruction, num_devices: int) -> tuple[int | None, list[list[int]] | None, tuple | None]:
-    """(group size, explicit groups of device ids or None, (mesh axis sizes dict, group axes) or None)."""
-    rg = _attr(instr.attrs, "replica_groups")
-    if rg is None or rg in ("{}", ""):
-        return num_devices, [list(range(num_devices))], None
-    if rg.startswith("mesh["):
-        m = re.match(r"mesh\[([^\]]*)\]\s*\{([^}]*)\}", rg)
-        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))}
-        axes = tuple(re.findall(r"'([^']+)'", m.group(2)))
-        size = math.prod(sizes[a] for a in axes if a in sizes) if axes else 1
-        return size, None, (sizes, axes)
-    if rg.startswith("["):
-        m = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rg)
-        if m:
-            shape = [int(x) for x in m.group(1).split(",")]
-            reshape = [int(x) for x in m.group(2).split(",")]
-            perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
-            import numpy as np
-            ids = np.arange(math.prod(reshape)).reshape(reshape)
-            if perm:
-                ids = ids.transpose(perm)
-            ids = ids.reshape(shape[0], -1)
-            return ids.shape[1], ids.tolist(), None
-        return None, None, None
-    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", rg[1:-1])]
-    groups = [g for g in groups if g]
-    if not groups:
-        return num_devices, [list(range(num_devices))], None
-    return len(groups[0]), groups, None
-
-
-def _permute_pairs(instr: Instruction) -> list[tuple[int, int]]:
-    v = _attr(instr.attrs, "source_target_pairs") or ""
-    return [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", v)]
 
 
 # ------------------------------------------------------------------------------------------- analysis
@@ -322,8 +96,8 @@ class HloStats:
         """The n largest collectives by per-step bytes; identical (kind, shape, group) ones merged."""
         merged: dict[tuple, dict] = {}
         for c in self.collectives:
-            key = (c.kind, _strip_layouts(c.shape), c.group_size, c.slow_network)
-            d = merged.setdefault(key, {"kind": c.kind, "shape": _strip_layouts(c.shape), "group_size": c.group_size,
+            key = (c.kind, strip_layouts(c.shape), c.group_size, c.slow_network)
+            d = merged.setdefault(key, {"kind": c.kind, "shape": strip_layouts(c.shape), "group_size": c.group_size,
                                         "slow_network": c.slow_network, "count": 0.0, "bytes_each": c.bytes,
                                         "bytes": 0.0, "wire_bytes": 0.0})
             d["count"] += c.count
@@ -331,81 +105,6 @@ class HloStats:
             d["wire_bytes"] += c.count * c.wire_bytes
         return sorted(merged.values(), key=lambda d: -d["bytes"])[:n]
 
-
-def _trip_count(instr: Instruction, comps: dict[str, Computation], defs: dict[str, Instruction]):
-    """(trip count or None, how it was found) of a while instruction: XLA's known_trip_count, else the loop
-    condition `counter < constant` (or <=, >, >=; possibly inside a fusion) with the counter's initial value
-    from the while operand (a step of 1, as jax's scan and fori_loop count)."""
-    m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instr.attrs)
-    if m:
-        return int(m.group(1)), "known_trip_count"
-    cond_name = _attr(instr.attrs, "condition")
-    cond = comps.get((cond_name or "").lstrip("%"))
-    if cond is None or cond.root is None:
-        return None, "unknown"
-    local = {i.name: i for i in cond.instructions}
-    root = local[cond.root]
-    if root.opcode == "fusion":           # compare fused with its constant: look inside
-        callee = comps.get((_attr(root.attrs, "calls") or "").lstrip("%"))
-        if callee is not None and callee.root is not None:
-            inner = {i.name: i for i in callee.instructions}
-            croot = inner[callee.root]
-            if croot.opcode == "compare":
-                resolved = []
-                for op in croot.operands:
-                    x = inner.get(op)
-                    if x is not None and x.opcode == "parameter":
-                        idx = int(x.operands[0]) if x.operands else 0
-                        resolved.append(local.get(root.operands[idx]))
-                    else:
-                        resolved.append(x)
-                return _compare_trip(croot, resolved, instr, defs, local)
-        return None, "unknown"
-    if root.opcode != "compare":
-        return None, "unknown"
-    return _compare_trip(root, [local.get(o) for o in root.operands], instr, defs, local)
-
-
-def _constant_value(x: Instruction | None, table: dict[str, Instruction]) -> int | None:
-    for _ in range(8):
-        if x is None:
-            return None
-        if x.opcode == "constant":
-            try:
-                return int(x.operands[0]) if x.operands else None
-            except ValueError:
-                return None
-        if x.opcode in ("copy", "bitcast", "convert", "reshape") and x.operands:
-            x = table.get(x.operands[0])
-            continue
-        return None
-    return None
-
-
-def _compare_trip(cmp: Instruction, sides: list, while_instr: Instruction, defs, local):
-    direction = (re.search(r"direction=(\w+)", cmp.attrs) or [None, None])[1]
-    if len(sides) != 2:
-        return None, "unknown"
-    a, b = sides
-    limit_b, limit_a = _constant_value(b, local), _constant_value(a, local)
-    if limit_b is not None and a is not None and a.opcode == "get-tuple-element":
-        index, limit, op = int(re.search(r"index=(\d+)", a.attrs).group(1)), limit_b, direction
-    elif limit_a is not None and b is not None and b.opcode == "get-tuple-element":
-        index, limit = int(re.search(r"index=(\d+)", b.attrs).group(1)), limit_a
-        op = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
-    else:
-        return None, "unknown"
-    init, source = None, "condition"
-    tup = defs.get(while_instr.operands[0]) if while_instr.operands else None
-    if tup is not None and tup.opcode == "tuple" and index < len(tup.operands):
-        init = _constant_value(defs.get(tup.operands[index]), defs)
-    if init is None:
-        init, source = 0, "condition (initial value not a constant: 0 assumed)"
-    if op == "LT":
-        return max(limit - init, 0), source
-    if op == "LE":
-        return max(limit - init + 1, 0), source
-    return None, "unknown"
 
 
 def analyze_hlo(text: str, *, device_domain: list[int] | None = None, mesh_axis_domains=None) -> HloStats:
@@ -460,13 +159,13 @@ def analyze_hlo(text: str, *, device_domain: list[int] | None = None, mesh_axis_
                 continue       # the same wrapped computation as its async-start / call-start
             factor_for = {}
             if instr.opcode == "while":
-                trip, source = _trip_count(instr, comps, defs)
+                trip, source = trip_count(instr, comps, defs)
                 loops.append({"name": instr.name, "computation": name, "trip_count": trip, "source": source})
                 if trip is None:
                     notes.append(f"while {instr.name}: trip count unknown, counted once")
                     trip = 1
                 factor_for = {"body": trip, "condition": trip + 1}
-            for role, callee in _called(instr):
+            for role, callee in called(instr):
                 if callee not in comps or (role == "to_apply" and instr.opcode != "call-start"):
                     continue           # reducers of reduce / all-reduce / sort / scatter: no collectives or dots
                 factor = factor_for.get(role, 1)
@@ -519,7 +218,7 @@ def _hbm_bytes(instr: Instruction, defs, comps) -> float:
         update = operand_bytes[1] if instr.opcode == "dynamic-update-slice" else operand_bytes[-1]
         return 2 * update
     if instr.opcode == "fusion":
-        callee = comps.get((_attr(instr.attrs, "calls") or "").lstrip("%"))
+        callee = comps.get((attr(instr.attrs, "calls") or "").lstrip("%"))
         if callee is not None:
             return _fusion_bytes(callee, operand_bytes, result)
     return sum(operand_bytes) + result
@@ -611,20 +310,20 @@ def _record(kind, instr: Instruction, defs, num_devices, device_domain, mesh_axi
         wire = nbytes * (n - 1) / n * (2 if kind == "all-reduce" else 1)
     slow = None
     if kind == "collective-permute":
-        pairs = _permute_pairs(instr)
+        pairs = permute_pairs(instr)
         if device_domain is not None and pairs:
             slow = any(device_domain[a] != device_domain[b] for a, b in pairs
                        if a < len(device_domain) and b < len(device_domain))
-        groups_text = _attr(instr.attrs, "source_target_pairs") or ""
+        groups_text = attr(instr.attrs, "source_target_pairs") or ""
     else:
-        groups_text = _attr(instr.attrs, "replica_groups") or "{}"
+        groups_text = attr(instr.attrs, "replica_groups") or "{}"
         if mesh_group is not None and mesh_axis_domains is not None:
             slow = bool(mesh_axis_domains(mesh_group[1]))
         elif groups is not None and device_domain is not None:
             slow = any(len({device_domain[d] for d in g if d < len(device_domain)}) > 1 for g in groups)
         elif device_domain is not None and len(set(device_domain)) == 1:
             slow = False
-    return CollectiveRecord(kind, _strip_layouts(shape), nbytes, wire, size, 1.0, groups_text, slow,
+    return CollectiveRecord(kind, strip_layouts(shape), nbytes, wire, size, 1.0, groups_text, slow,
                             instr.name, comp_name, larger if kind == "ragged-all-to-all" else None)
 
 
@@ -643,7 +342,7 @@ def _megascale_record(instr: Instruction, defs, num_slices: int, comp_name: str)
     else:
         nbytes, wire = buffer, buffer * (n - 1) / n
     target = re.search(r'_xla_megascale_target="([^"]*)"', instr.attrs)
-    return CollectiveRecord(kind, _strip_layouts(shape), nbytes, wire, n, 1.0,
+    return CollectiveRecord(kind, strip_layouts(shape), nbytes, wire, n, 1.0,
                             "megascale " + (target.group(1) if target else ""), True, instr.name, comp_name)
 
 
@@ -668,23 +367,15 @@ def _ragged_kernel_flops(instr: Instruction, defs) -> float:
 
 
 def _dot_flops(instr: Instruction, defs) -> float:
-    if instr.opcode == "dot":
+    if instr.opcode in ("dot", "ragged-dot"):
         out = math.prod(shape_dims(instr.shape))
         lhs = defs.get(instr.operands[0]) if instr.operands else None
         if lhs is None:
             return 0.0
         dims = shape_dims(lhs.shape)
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
-        contract = [int(d) for d in m.group(1).split(",") if d] if m else []
-        return 2.0 * out * math.prod(dims[d] for d in contract)
-    if instr.opcode == "ragged-dot":
-        out = math.prod(shape_dims(instr.shape))
-        lhs = defs.get(instr.operands[0]) if instr.operands else None
-        if lhs is None:
-            return 0.0
-        dims = shape_dims(lhs.shape)
-        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
-        contract = [int(d) for d in m.group(1).split(",") if d] if m else [len(dims) - 1]
+        default = [len(dims) - 1] if instr.opcode == "ragged-dot" else []    # ragged dot: the last lhs dim
+        contract = [int(d) for d in m.group(1).split(",") if d] if m else default
         return 2.0 * out * math.prod(dims[d] for d in contract)
     if instr.opcode == "convolution":
         # XLA:TPU writes batched matmuls as convolutions whose batch dims are spatial dims with window size B,
@@ -699,7 +390,7 @@ def _dot_flops(instr: Instruction, defs) -> float:
         ldims, kdims = shape_dims(defs[instr.operands[0]].shape), shape_dims(defs[instr.operands[1]].shape)
         if len(lhs_labels) != len(ldims) or len(rhs_labels) != len(kdims):
             return 0.0
-        window = _attr(instr.attrs, "window") or ""
+        window = attr(instr.attrs, "window") or ""
         nsp = sum(c.isdigit() for c in rhs_labels)
         size = _window_field(window, "size", nsp)
         dilate = _window_field(window, "lhs_dilate", nsp)
@@ -744,63 +435,6 @@ def cost_stats(compiled) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- chips
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    name: str
-    peak_flops: float        # dense bf16 FLOP/s per chip (one JAX device)
-    hbm_bytes: float         # per chip
-    hbm_bandwidth: float     # bytes/s per chip
-    ici_bandwidth: float     # bytes/s per chip, aggregate over its fast links (ICI / NVLink), both directions
-    dcn_bandwidth: float     # bytes/s per chip across slices / hosts (DCN / InfiniBand), assumed
-    source: str
-
-
-GiB = 1024 ** 3
-# Vendor figures (cloud.google.com/tpu/docs/<version>, NVIDIA H100/H200 datasheets); "ICI" = aggregate
-# interconnect bandwidth per chip as the vendor states it (Gbps / 8). TPU HBM is the capacity XLA reports as
-# usable where known (v5p: 95.74 GiB). DCN per chip is an assumption (one 200 Gbps NIC per 4-chip host for TPU,
-# one 400 Gbps InfiniBand NIC per GPU).
-CHIPS: dict[str, ChipSpec] = {
-    "v5p": ChipSpec("TPU v5p", 459e12, 95.74 * GiB, 2765e9, 4800e9 / 8, 200e9 / 8 / 4,
-                    "Google: 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI 4800 Gbps/chip"),
-    "v6e": ChipSpec("TPU v6e", 918e12, 31.25 * GiB, 1640e9, 3584e9 / 8, 200e9 / 8 / 4,
-                    "Google: 918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, ICI 3584 Gbps/chip"),
-    "v5e": ChipSpec("TPU v5e", 197e12, 15.75 * GiB, 819e9, 1600e9 / 8, 200e9 / 8 / 4,
-                    "Google: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 1600 Gbps/chip"),
-    "v4": ChipSpec("TPU v4", 275e12, 32 * GiB, 1228e9, 2400e9 / 8, 200e9 / 8 / 4,
-                   "Google: 275 TFLOP/s bf16, 32 GiB HBM2 at 1228 GB/s, ICI 6 links (~2400 Gbps/chip assumed)"),
-    "h100": ChipSpec("H100 SXM", 989e12, 80e9, 3.35e12, 900e9, 400e9 / 8,
-                     "NVIDIA: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s"),
-    "h200": ChipSpec("H200 SXM", 989e12, 141e9, 4.8e12, 900e9, 400e9 / 8,
-                     "NVIDIA: 989 TFLOP/s dense bf16, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s"),
-    "h800": ChipSpec("H800 SXM", 989e12, 80e9, 3.35e12, 400e9, 400e9 / 8,
-                     "NVIDIA: as H100 with NVLink 400 GB/s"),
-}
-
-
-def roofline(flops: float, hbm_bytes: float, ici_wire_bytes: float, slow_wire_bytes: float, chip: ChipSpec,
-             model_flops: float | None = None) -> dict[str, float]:
-    """An ESTIMATE of the step time per device (seconds) from per-device counts:
-    compute = flops / peak, memory = hbm_bytes / HBM bandwidth, ici = fast-link wire bytes / ICI (NVLink)
-    bandwidth, dcn = cross-slice (cross-host) wire bytes / DCN (IB) bandwidth;
-    step = max(compute, memory) + ici + dcn (no overlap of communication); step_overlapped = max of all four.
-    MFU estimate = model_flops (per device) / (step * peak)."""
-    compute = flops / chip.peak_flops
-    memory = hbm_bytes / chip.hbm_bandwidth
-    ici = ici_wire_bytes / chip.ici_bandwidth
-    dcn = slow_wire_bytes / chip.dcn_bandwidth
-    step = max(compute, memory) + ici + dcn
-    out = {"compute_s": compute, "hbm_s": memory, "ici_s": ici, "dcn_s": dcn, "step_s": step,
-           "step_overlapped_s": max(compute, memory, ici, dcn)}
-    if model_flops is not None:
-        out["model_flops"] = model_flops
-        out["mfu"] = model_flops / (step * chip.peak_flops) if step else float("nan")
-        out["mfu_overlapped"] = (model_flops / (out["step_overlapped_s"] * chip.peak_flops)
-                                 if out["step_overlapped_s"] else float("nan"))
-    return out
-
 
 def to_json(obj) -> str:
     def default(o):
@@ -813,7 +447,7 @@ def to_json(obj) -> str:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit, scale in (("TiB", 1024 ** 4), ("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    for unit, scale in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"

@@ -1,5 +1,5 @@
 """Ahead-of-time lowering of the train step and the statistics of compiled programs (kimi_jax.train.aot,
-kimi_jax.train.hlo_stats, launch/aot.py)."""
+kimi_jax.train.hlo_stats, kimi_jax.train.hlo_parse, kimi_jax.train.chips, launch/aot.py)."""
 
 import ast
 import inspect
@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs.tiny import get_config as tiny_config
-from kimi_jax.train import aot, hlo_stats, loop
+from kimi_jax.train import aot, chips, hlo_stats, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,7 +65,7 @@ def test_lowered_step_has_global_batch_and_runs(tiny_compiled):
 def test_analyze_tiny_cpu_step(tiny_compiled):
     config, _, compiled = tiny_compiled
     mesh = loop.make_mesh(config.mesh, jax.devices())
-    report = aot.analyze(compiled, config, mesh, chip=hlo_stats.CHIPS["v5p"])
+    report = aot.analyze(compiled, config, mesh, chip=chips.CHIPS["v5p"])
     assert report["devices"] == 8
     mem = report["memory"]
     assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
@@ -271,10 +271,10 @@ def test_tpu_style_hlo():
 
 
 def test_roofline_arithmetic():
-    chip = hlo_stats.ChipSpec("test", peak_flops=100e12, hbm_bytes=16e9, hbm_bandwidth=1e12, ici_bandwidth=100e9,
-                              dcn_bandwidth=10e9, source="")
-    r = hlo_stats.roofline(flops=50e12, hbm_bytes=2e12, ici_wire_bytes=10e9, slow_wire_bytes=1e9, chip=chip,
-                           model_flops=40e12)
+    chip = chips.ChipSpec("test", peak_flops=100e12, hbm_bytes=16e9, hbm_bandwidth=1e12, ici_bandwidth=100e9,
+                          dcn_bandwidth=10e9, source="")
+    r = chips.roofline(flops=50e12, hbm_bytes=2e12, ici_wire_bytes=10e9, slow_wire_bytes=1e9, chip=chip,
+                       model_flops=40e12)
     assert r["compute_s"] == pytest.approx(0.5)
     assert r["hbm_s"] == pytest.approx(2.0)
     assert r["ici_s"] == pytest.approx(0.1)
@@ -300,6 +300,21 @@ def test_topology_names():
         "data": 1, "fsdp": 32, "expert": 8, "tensor": 1}
 
 
+def _run_launch_aot(args: list[str], json_out, backend_available: bool):
+    """launch/aot.py on the tiny config (2 layers, data=2, fsdp the rest) with `args`; None when the backend's
+    package is not installed (after checking that the launcher says what to install), else the finished run."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch/aot.py"), "--config=experiments/configs/tiny.py",
+           "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.model.num_hidden_layers=2", *args,
+           f"--json_out={json_out}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not backend_available:
+        assert proc.returncode != 0 and "requirements-aot.txt" in proc.stderr
+        return None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _libtpu_available() -> bool:
     try:
         import libtpu  # noqa: F401
@@ -313,15 +328,9 @@ def test_launch_aot_tpu_multislice(tmp_path):
     """launch/aot.py on a 2-slice v5p-8 (2 x 4 chips, data split over DCN) when libtpu is installed (see
     requirements-aot.txt); without it, the launcher says what to install."""
     out = tmp_path / "report.json"
-    cmd = [sys.executable, os.path.join(ROOT, "launch/aot.py"), "--config=experiments/configs/tiny.py",
-           "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.model.num_hidden_layers=2",
-           "--topology=v5p-8", "--num_slices=2", "--dcn=data", f"--json_out={out}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if not _libtpu_available():
-        assert proc.returncode != 0 and "requirements-aot.txt" in proc.stderr
+    proc = _run_launch_aot(["--topology=v5p-8", "--num_slices=2", "--dcn=data"], out, _libtpu_available())
+    if proc is None:
         return
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROOFLINE ESTIMATE" in proc.stdout
     report = json.loads(out.read_text())
     assert report["devices"] == 8 and report["device_kind"] == "TPU v5"
@@ -347,15 +356,8 @@ def test_launch_aot_gpu_cluster(tmp_path):
     """launch/aot.py on 2 nodes of 8 H100s (compile-only through the CUDA plugin, no GPU) when the plugin is
     installed (see requirements-aot.txt); without it, the launcher says what to install."""
     out = tmp_path / "report.json"
-    cmd = [sys.executable, os.path.join(ROOT, "launch/aot.py"), "--config=experiments/configs/tiny.py",
-           "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.model.num_hidden_layers=2",
-           "--topology=h100-16", f"--json_out={out}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if not _cuda_plugin_available():
-        assert proc.returncode != 0 and "requirements-aot.txt" in proc.stderr
+    if _run_launch_aot(["--topology=h100-16"], out, _cuda_plugin_available()) is None:
         return
-    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["devices"] == 16 and "H100" in report["device_kind"]
     assert report["mesh"]["axes"] == {"data": 2, "fsdp": 8, "expert": 1, "tensor": 1}
