@@ -66,15 +66,15 @@ def test_parameter_partition_specs():
     assert specs["lm_head"]["kernel"] == P(batch, "tensor")
     assert specs["norm"]["weight"] == P(batch)
     attn = specs["moe_layers"]["self_attn"]
-    assert attn["q_a_proj"]["kernel"] == P(None, batch + ("tensor",), None)        # filled: divides 128
+    assert attn["q_a_proj"]["kernel"] == P(None, batch + ("tensor",))              # filled: divides 128
     assert attn["q_b_proj"]["kernel"] == P(None, batch, "tensor")
     assert attn["kv_b_proj"]["kernel"] == P(None, batch, "tensor")
     assert attn["o_proj"]["kernel"] == P(None, "tensor", batch)
     mlp = specs["moe_layers"]["mlp"]
     assert mlp["experts"]["gate_proj"] == P(None, "expert", "fsdp", "tensor")
     assert mlp["experts"]["down_proj"] == P(None, "expert", "tensor", "fsdp")
-    assert mlp["gate"]["kernel"] == P(None, batch + ("tensor",), None)
-    assert mlp["gate"]["e_score_correction_bias"] == P(None, None)
+    assert mlp["gate"]["kernel"] == P(None, batch + ("tensor",))
+    assert mlp["gate"]["e_score_correction_bias"] == P()
     assert specs["dense_layers"]["mlp"]["up_proj"]["kernel"] == P(None, batch, "tensor")
 
 
@@ -144,8 +144,8 @@ def test_strategies_are_the_config_choices():
     cfg = kimi_jax.kimi_k2_1t(sharding_strategy="fsdp_tp")
     params = per_device_parameters(cfg, (1, 64, 16, 1))
     shape, spec, _ = params[("moe_layers", "self_attn", "q_b_proj", "kernel")]
-    assert spec == P(None, "fsdp", None)                     # non-expert weights not split over `expert`
-    assert params[("moe_layers", "mlp", "experts", "gate_proj")][1] == P(None, "expert", "fsdp", None)
+    assert spec == P(None, "fsdp")                           # non-expert weights not split over `expert`
+    assert params[("moe_layers", "mlp", "experts", "gate_proj")][1] == P(None, "expert", "fsdp")
     with pytest.raises(ValueError, match="sharding_strategy"):
         kimi_jax.tiny(sharding_strategy="zero9")
 

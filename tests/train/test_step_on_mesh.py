@@ -70,7 +70,7 @@ def test_step_memory_does_not_grow_with_vocab_times_tokens():
         step = make_train_step(graphdef, cfg, tx, lr, qk_clip_tau=100.0, ce_chunk=128)
         temps.append(jax.jit(step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
     extra_logits = 8 * 256 * 163840 * 4 / 8                         # fp32 logits of the added tokens, per device
-    assert temps[1] - temps[0] < 0.1 * extra_logits, temps
+    assert temps[1] - temps[0] < 0.25 * extra_logits, temps     # activations grow; [tokens, vocab] would be >= 1x
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 64, 16, 1), (1, 128, 8, 1)])
