@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 K2, ML = "experiments/configs/kimi_k2_1t.py", "experiments/configs/moonlight_16b_a3b.py"
 # name -> (model, topology, launch/aot.py flags)
 ROWS = {
-    "K2_v5p512": ("Kimi K2 1T", "v5p-512", [f"--config={K2}", "--topology=v5p-512"]),
+    "K2_v5p512": ("Kimi K2 1T", "v5p-512", [f"--config={K2}", "--topology=v5p-512", "--config.mesh.expert=8"]),
     "K2_v5p512_pallas": ("Kimi K2 1T, Pallas attention + grouped matmul", "v5p-512",
                          [f"--config={K2}", "--topology=v5p-512", "--config.model.moe_impl=pallas",
                           "--config.model.pallas_backend=tpu"]),
@@ -64,7 +64,8 @@ def row_text(name: str, report: dict) -> str:
     roof = report["roofline_estimate"]
     return (f"| {model} | {topology} | {mesh} | {m['microbatches']} | {mem['argument'] / GIB:.1f} + "
             f"{mem['temp'] / GIB:.1f} = {mem['total'] / GIB:.1f} GiB of {mem['hbm_capacity'] / GIB:.1f} "
-            f"({100 * used:.0f}%, {100 * (1 - used):.0f}% free) | {flops:.2f} | {coll:,.0f} | "
+            f"({100 * used:.0f}%, {f'{100 * (1 - used):.0f}% free' if used <= 1 else 'does not fit'}) | "
+            f"{flops:.2f} | {coll:,.0f} | "
             f"{roof['step_s']:.1f} s | {100 * roof['mfu']:.0f}% | {report['compile_seconds']:.0f} s |")
 
 
