@@ -158,7 +158,7 @@ def _local_moe(cfg: ModelConfig, mesh, ep: int, x, segment_ids, router_kernel, b
     if mesh is not None:
         if sharding.axis_size(mesh, "tensor") > 1:
             y = jax.lax.psum(y, "tensor")
-        batch_axes = tuple(a for a in sharding.MESH_AXES[:3] if sharding.axis_size(mesh, a) > 1)
+        batch_axes = sharding.batch_axes(mesh)
         stats = jax.lax.psum(stats, batch_axes) if batch_axes else stats
     counts, balance, dropped, rows = stats
     aux = {"expert_counts": counts, "balance_loss": balance / rows,
