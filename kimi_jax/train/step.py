@@ -56,11 +56,10 @@ def split_microbatches(batch: dict, microbatches: int, mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
-def param_constraint(graphdef, cfg, params):
-    """A function pinning a pytree shaped like `params` (gradients) to the parameters' own shardings (identity
-    without a mesh): each microbatch's gradients are reduce-scattered onto the parameter shards instead of
-    all-reduced whole, and the accumulator lives on the shards."""
-    model = nnx.merge(graphdef, params)
+def param_constraint(model, cfg, params):
+    """A function pinning a pytree shaped like `params` (the pure dict of `model`'s state: gradients) to the
+    parameters' own shardings (identity without a mesh): each microbatch's gradients are reduce-scattered onto
+    the parameter shards instead of all-reduced whole, and the accumulator lives on the shards."""
     if model.mesh is None:
         return lambda tree: tree
     state = nnx.state(model)
@@ -96,8 +95,9 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
-        split = split_microbatches(batch, microbatches, nnx.merge(graphdef, state.params).mesh)
-        on_shards = param_constraint(graphdef, cfg, state.params)
+        model = nnx.merge(graphdef, state.params)         # trace time: the mesh and the parameters' axes
+        split = split_microbatches(batch, microbatches, model.mesh)
+        on_shards = param_constraint(model, cfg, state.params)
 
         def accumulate(carry, micro):
             grads, ce_sum, n, max_logits, counts, dropped = carry
