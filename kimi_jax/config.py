@@ -261,8 +261,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def tiny(**runtime) -> ModelConfig:
-    """A K2-shaped model small enough to train on a laptop CPU in minutes (byte-level vocab)."""
-    return ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+    """A K2-shaped model small enough to train on a laptop CPU in minutes (vocab 272: the byte tokenizer's 256 byte ids
+    and its chat special tokens)."""
+    return ModelConfig(vocab_size=272, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
                        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.827,
