@@ -5,10 +5,10 @@
     python launch/generate.py --workdir=workdir/tiny --prompt="def "
 
 Prompts are encoded with --tokenizer ("byte", or a tiktoken.model file / a directory holding one); by default
-a workdir's training tokenizer (config.data.tokenizer), "byte" for vocab-256 models, else the checkpoint
-directory's tiktoken.model. The tokenizer's BOS is prepended (as the training pipeline does) and generation of
-a sample stops at the tokenizer's EOS. Generation uses the compressed MLA cache (kimi_jax.infer.generate);
---temperature=0 is greedy.
+a workdir's training tokenizer (config.data.tokenizer), "byte" for models with the byte tokenizer's vocab (272),
+else the checkpoint directory's tiktoken.model. The tokenizer's BOS is prepended (as the training pipeline does)
+and generation of a sample stops at the tokenizer's EOS. Generation uses the compressed MLA cache
+(kimi_jax.infer.generate); --temperature=0 is greedy.
 """
 
 import os
@@ -48,12 +48,12 @@ def load_model(checkpoint: str | None, workdir: str | None, dtype: str):
 
 def pick_tokenizer(spec: str | None, vocab_size: int, checkpoint: str | None, workdir: str | None):
     """The tokenizer named by spec, or the default for this model (see the module docstring)."""
-    from kimi_jax.data import load_tokenizer
+    from kimi_jax.data import ByteTokenizer, load_tokenizer
     if spec is None:
         if workdir is not None:
             from kimi_jax.train.checkpointing import load_run_config
             spec = load_run_config(workdir).data.tokenizer
-        elif vocab_size == 256:
+        elif vocab_size == ByteTokenizer.vocab_size:
             spec = "byte"
         elif checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
             spec = checkpoint

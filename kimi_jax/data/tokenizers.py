@@ -1,12 +1,20 @@
 """Tokenizers: a byte-level one for the tiny preset and the Kimi K2 tiktoken BPE.
 
-Both follow one small interface (`Tokenizer`): `encode(str) -> list[int]`, `decode(ids) -> str`, and the
-attributes `vocab_size`, `bos_id`, `eos_id`, `pad_id`.
+Both follow one small interface (`Tokenizer`): `encode(text, allow_special=False) -> list[int]`,
+`decode(ids) -> str`, `token_to_id(name) -> int`, and the attributes `vocab_size`, `bos_id`, `eos_id`, `pad_id`
+and `special_tokens` ({name: id}). Special-token strings in a text (e.g. "<|im_end|>") become their ids only with
+allow_special=True (as when encoding a rendered chat); by default they are encoded as ordinary text. Encoding with
+specials splits the text at them first, so encode(a + b) == encode(a) + encode(b) whenever a ends or b begins
+with a special token (kimi_jax.chat.encode relies on it for its loss masks).
 
-ByteTokenizer (vocab 256, the tiny preset's vocab): UTF-8 bytes map to ids 0..255. The special ids are byte
-values that never occur in UTF-8 (0xF5..0xFF are invalid lead bytes), so they cannot collide with text:
-BOS = 0xFE (254), EOS = 0xFF (255), PAD = 0xFD (253). `decode` drops these three ids and renders any invalid
-UTF-8 left over (a model's samples) as U+FFFD.
+ByteTokenizer (vocab 272, the tiny preset's vocab): UTF-8 bytes map to ids 0..255. BOS = 0xFE (254),
+EOS = 0xFF (255), PAD = 0xFD (253) are byte values that never occur in UTF-8 (0xF5..0xFF are invalid lead
+bytes), so they cannot collide with text. Ids 256..265 are the Kimi chat special tokens (CHAT_SPECIAL_TOKENS, in
+that order: <|im_end|> 256, <|im_user|> 257, <|im_assistant|> 258, <|im_system|> 259, <|im_middle|> 260,
+<|tool_calls_section_begin|> 261, <|tool_calls_section_end|> 262, <|tool_call_begin|> 263,
+<|tool_call_argument_begin|> 264, <|tool_call_end|> 265), so a tiny model can learn the real chat format;
+266..271 are reserved (`<|reserved_token_{id}|>`). `decode` drops BOS/EOS/PAD, renders the other special ids as
+their names and any invalid UTF-8 left over (a model's samples) as U+FFFD.
 
 KimiTokenizer: the Kimi K2 `tiktoken.model` file (one `<base64 token> <rank>` per line; 163,584 ranks for K2)
 plus 256 reserved special tokens at ids len(ranks) .. len(ranks) + 255, named as in the checkpoint's
@@ -20,9 +28,18 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from typing import Protocol, Sequence
 
 import tiktoken
+
+
+# The special tokens of the Kimi-K2-Instruct chat template (kimi_jax.chat), in ByteTokenizer id order.
+CHAT_SPECIAL_TOKENS = (
+    "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
+    "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+)
 
 
 class Tokenizer(Protocol):
@@ -30,30 +47,87 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    special_tokens: dict[str, int]
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_to_id(self, token: str) -> int: ...
+
+
+def _special_pattern(names) -> re.Pattern:
+    """A regex that finds any of `names` (longest first, so no name hides a longer one)."""
+    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+
+
+def _split_specials(text: str, pattern: re.Pattern) -> list[tuple[str, bool]]:
+    """text -> [(piece, is_special)] in order; ordinary pieces are non-empty."""
+    pieces, start = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > start:
+            pieces.append((text[start:m.start()], False))
+        pieces.append((m.group(), True))
+        start = m.end()
+    if start < len(text):
+        pieces.append((text[start:], False))
+    return pieces
+
+
+def _token_to_id(tokenizer, token: str) -> int:
+    if token not in tokenizer.special_tokens:
+        raise KeyError(f"{token!r} is not a special token of {type(tokenizer).__name__}")
+    return tokenizer.special_tokens[token]
+
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids; vocab 256 with BOS/EOS/PAD on bytes that UTF-8 never uses."""
+    """UTF-8 bytes as token ids 0..255 (BOS/EOS/PAD on bytes UTF-8 never uses), chat special tokens at 256..265,
+    ids 266..271 reserved; vocab 272."""
 
-    vocab_size = 256
+    vocab_size = 272
     bos_id = 0xFE
     eos_id = 0xFF
     pad_id = 0xFD
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="surrogatepass"))
+    def __init__(self):
+        first_reserved = 256 + len(CHAT_SPECIAL_TOKENS)
+        self.special_tokens = {"[PAD]": self.pad_id, "[BOS]": self.bos_id, "[EOS]": self.eos_id,
+                               **{name: 256 + k for k, name in enumerate(CHAT_SPECIAL_TOKENS)},
+                               **{f"<|reserved_token_{i}|>": i for i in range(first_reserved, self.vocab_size)}}
+        self._names = {i: name for name, i in self.special_tokens.items()}
+        self._pattern = _special_pattern(self.special_tokens)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Text -> UTF-8 bytes; with allow_special=True special-token names become their ids."""
+        if not allow_special:
+            return list(text.encode("utf-8", errors="surrogatepass"))
+        ids: list[int] = []
+        for piece, special in _split_specials(text, self._pattern):
+            ids.extend([self.special_tokens[piece]] if special else piece.encode("utf-8", errors="surrogatepass"))
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        specials = (self.bos_id, self.eos_id, self.pad_id)
-        kept = [int(i) for i in ids if int(i) not in specials]
-        bad = [i for i in kept if not 0 <= i < 256]
+        """Ids -> text: BOS/EOS/PAD dropped, the other special ids as their names, invalid UTF-8 as U+FFFD."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"ByteTokenizer.decode: ids {bad[:5]} are outside 0..255")
-        return bytes(kept).decode("utf-8", errors="replace")
+            raise ValueError(f"ByteTokenizer.decode: ids {bad[:5]} are outside 0..{self.vocab_size - 1}")
+        parts, run = [], []
+        for i in ids:
+            if i in (self.bos_id, self.eos_id, self.pad_id):
+                continue
+            if i < 256:
+                run.append(i)
+                continue
+            parts.append(bytes(run).decode("utf-8", errors="replace"))
+            parts.append(self._names[i])
+            run = []
+        parts.append(bytes(run).decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def token_to_id(self, token: str) -> int:
+        """Id of a special token by name, e.g. "<|im_end|>" -> 256."""
+        return _token_to_id(self, token)
 
 
 # TikTokenTokenizer.pat_str of Kimi K2's tokenization_kimi.py (Hugging Face moonshotai/Kimi-K2-*), joined by "|".
@@ -150,19 +224,24 @@ class KimiTokenizer:
         self.unk_id = self.special_tokens["[UNK]"]
         self._encoding = tiktoken.Encoding(name=name, pat_str=KIMI_PAT_STR, mergeable_ranks=ranks,
                                            special_tokens=self.special_tokens)
+        self._pattern = _special_pattern(self.special_tokens)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> KimiTokenizer:
         """Load a `tiktoken.model` ranks file (e.g. from a Kimi K2 checkpoint directory)."""
         return cls(read_bpe_ranks(path), name=os.path.basename(os.fspath(path)))
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Text -> ids. Special-token strings in `text` (e.g. "<|im_end|>") become their special ids only
         with allow_special=True (as in chat templates); by default they are encoded as ordinary text."""
-        allowed = "all" if allow_special else set()
+        pieces = _split_specials(text, self._pattern) if allow_special else [(text, False)]
         ids: list[int] = []
-        for piece in _split_long_runs(text):
-            ids.extend(self._encoding.encode(piece, allowed_special=allowed, disallowed_special=()))
+        for piece, special in pieces:
+            if special:
+                ids.append(self.special_tokens[piece])
+                continue
+            for run in _split_long_runs(piece):
+                ids.extend(self._encoding.encode_ordinary(run))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -175,9 +254,7 @@ class KimiTokenizer:
 
     def token_to_id(self, token: str) -> int:
         """Id of a special token by name, e.g. "<|im_end|>"."""
-        if token not in self.special_tokens:
-            raise KeyError(f"{token!r} is not a special token of this tokenizer")
-        return self.special_tokens[token]
+        return _token_to_id(self, token)
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | KimiTokenizer:

@@ -1,4 +1,5 @@
-"""Tokenizers: the byte tokenizer and the Kimi tiktoken BPE loader on a small ranks file made here."""
+"""Tokenizers: the byte tokenizer and the Kimi tiktoken BPE loader on a small ranks file made here, and their
+shared special-token interface."""
 
 import base64
 import itertools
@@ -6,8 +7,8 @@ import itertools
 import pytest
 import tiktoken
 
-from kimi_jax.data.tokenizers import (KIMI_PAT_STR, KIMI_SPECIAL_OFFSETS, ByteTokenizer, KimiTokenizer,
-                                      _split_long_runs, load_tokenizer)
+from kimi_jax.data.tokenizers import (CHAT_SPECIAL_TOKENS, KIMI_PAT_STR, KIMI_SPECIAL_OFFSETS, ByteTokenizer,
+                                      KimiTokenizer, _split_long_runs, load_tokenizer)
 
 TEXTS = ["", "hello world", "It's 12345 o'clock.\n\n  indented\tx", "中文English混合", "naïve café 🙂 Ωμέγα",
          "def f(x):\n    return x ** 2  # comment\n"]
@@ -17,7 +18,7 @@ TEXTS = ["", "hello world", "It's 12345 o'clock.\n\n  indented\tx", "中文Engli
 
 def test_byte_tokenizer_is_utf8_bytes_and_round_trips():
     tok = ByteTokenizer()
-    assert tok.vocab_size == 256
+    assert tok.vocab_size == ByteTokenizer.vocab_size == 272
     for text in TEXTS:
         ids = tok.encode(text)
         assert ids == list(text.encode("utf-8"))
@@ -33,8 +34,32 @@ def test_byte_tokenizer_specials_never_occur_in_utf8_text():
     assert max(ids) < 0xF5 and not specials & set(ids)
     assert tok.decode([tok.bos_id] + tok.encode("hé") + [tok.eos_id, tok.pad_id]) == "hé"
     assert tok.decode([0xC3]) == "\ufffd"  # a truncated sample decodes with a replacement character
-    with pytest.raises(ValueError, match="outside 0..255"):
-        tok.decode([256])
+    with pytest.raises(ValueError, match="outside 0..271"):
+        tok.decode([272])
+
+
+def test_byte_tokenizer_chat_special_ids():
+    tok = ByteTokenizer()
+    table = {"<|im_end|>": 256, "<|im_user|>": 257, "<|im_assistant|>": 258, "<|im_system|>": 259,
+             "<|im_middle|>": 260, "<|tool_calls_section_begin|>": 261, "<|tool_calls_section_end|>": 262,
+             "<|tool_call_begin|>": 263, "<|tool_call_argument_begin|>": 264, "<|tool_call_end|>": 265}
+    assert {name: tok.token_to_id(name) for name in CHAT_SPECIAL_TOKENS} == table
+    assert (tok.token_to_id("[BOS]"), tok.token_to_id("[EOS]"), tok.token_to_id("[PAD]")) == (254, 255, 253)
+    assert tok.token_to_id("<|reserved_token_266|>") == 266 and tok.token_to_id("<|reserved_token_271|>") == 271
+    assert sorted(tok.special_tokens.values()) == [253, 254, 255] + list(range(256, 272))
+    with pytest.raises(KeyError, match="not a special token of ByteTokenizer"):
+        tok.token_to_id("<|im_start|>")
+
+
+def test_byte_tokenizer_special_strings_are_text_unless_allowed():
+    tok = ByteTokenizer()
+    text = "a<|im_end|>b<|tool_call_begin|>é[EOS]"
+    assert tok.encode(text) == list(text.encode("utf-8"))
+    assert tok.encode(text, allow_special=True) == [97, 256, 98, 263, 0xC3, 0xA9, 255]
+    # decode: chat specials and reserved ids by name, BOS/EOS/PAD dropped, bytes around them decoded apart
+    assert tok.decode([254, 0xC3, 0xA9, 258, 97, 266, 0xC3, 255, 253]) == "é<|im_assistant|>a<|reserved_token_266|>\ufffd"
+    assert tok.decode(tok.encode("<|im_user|>user<|im_middle|>hi<|im_end|>", allow_special=True)) == \
+        "<|im_user|>user<|im_middle|>hi<|im_end|>"
 
 
 # --- Kimi BPE ------------------------------------------------------------------------------------------------
@@ -112,6 +137,29 @@ def test_kimi_special_strings_are_text_unless_allowed(kimi):
     plain = tok.encode(text)
     assert max(plain) < n and tok.decode(plain) == text
     assert tok.encode(text, allow_special=True) == [255 - ord("a"), n + 2, 255 - ord("b")]
+    assert tok.encode("the<|tool_call_begin|>[BOS]<|reserved_token_" + str(n + 5) + "|>", allow_special=True) == \
+        [merge_id(b"the"), n + 13, n, n + 5]
+
+
+def test_kimi_encode_with_specials_splits_at_them_first(kimi):
+    # encode(a + b) == encode(a) + encode(b) when the boundary is at a special token, also for long runs
+    tok, _ = kimi
+    a, b = "x" * 30_000 + "<|im_end|>", "y" * 30_000 + " the"
+    assert tok.encode(a + b, allow_special=True) == tok.encode(a, allow_special=True) + tok.encode(b, allow_special=True)
+    assert tok.decode(tok.encode(a + b, allow_special=True)) == a + b
+
+
+@pytest.mark.parametrize("make", [lambda tmp: ByteTokenizer(),
+                                  lambda tmp: KimiTokenizer.from_file(write_ranks(tmp / "t.model",
+                                                                                  [bytes([b]) for b in range(256)]))])
+def test_both_tokenizers_share_the_chat_interface(tmp_path, make):
+    tok = make(tmp_path)
+    for name in CHAT_SPECIAL_TOKENS:
+        token_id = tok.token_to_id(name)
+        assert tok.special_tokens[name] == token_id < tok.vocab_size
+        assert tok.encode(name, allow_special=True) == [token_id] and tok.decode([token_id]) == name
+        assert tok.encode(name) != [token_id]
+    assert tok.token_to_id("[EOS]") == tok.eos_id and tok.token_to_id("[BOS]") == tok.bos_id
 
 
 @pytest.mark.parametrize("lines, message", [
