@@ -59,7 +59,8 @@ def _jinja_str(message: Message, key: str) -> str:
 
 
 def _call_name(call: Message, where: str) -> str:
-    name = call.get("function", {}).get("name") if isinstance(call, dict) else None
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: a tool call needs function.name (a non-empty string), got {call!r}")
     return name

@@ -71,6 +71,7 @@ def test_canonical_ids_count_over_the_dialogue_and_follow_the_results():
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}],
      r"message 0 \(user\): only text content parts"),
     ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], r"message 0: a tool call needs"),
+    ([{"role": "assistant", "tool_calls": ["f()"]}], r"message 0: a tool call needs function.name"),
     ([{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f"}}]}],
      r"message 0 \(assistant\): tool call 0 has no function.arguments"),
     ([{"role": "assistant", "content": [{"type": "text", "text": "t"}], "tool_calls": [_call("x", "f")]}],
