@@ -316,3 +316,78 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     common += cfg.num_moe_layers * moe_fixed
     return {"total": common + cfg.num_moe_layers * cfg.n_routed_experts * expert,
             "activated": common + cfg.num_moe_layers * cfg.num_experts_per_tok * expert}
+
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")   # the order of kimi_jax.sharding.MESH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """config.mesh of a training config: the size of each mesh axis over all devices (one may be -1: whatever
+    the devices leave) and, on TPU multi-slice, how many slices each axis spans (dcn_*: its split over the
+    data-center network; the rest of the axis stays on ICI inside each slice). By default the slices are pure
+    data parallelism: dcn_data = -1 takes every slice the other dcn_* fields leave.
+
+    E.g. 2 x v5p-256 (2 slices of 128 chips), data=2, fsdp=-1, expert=16: data is split across the slices,
+    fsdp (8) and expert (16) inside each. With dcn_data=1, dcn_fsdp=2 the slices split fsdp instead.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = -1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
+
+    def __post_init__(self):
+        for name in MESH_AXES + tuple("dcn_" + a for a in MESH_AXES):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+                raise ValueError(f"config.mesh.{name} must be an integer >= 1 or -1, got {value!r}")
+        for prefix in ("", "dcn_"):
+            free = [prefix + a for a in MESH_AXES if getattr(self, prefix + a) == -1]
+            if len(free) > 1:
+                raise ValueError(f"config.mesh: at most one of {[prefix + a for a in MESH_AXES]} may be -1, "
+                                 f"got {free}")
+
+    @classmethod
+    def from_config(cls, mesh_cfg) -> MeshConfig:
+        """From a config.mesh section (ConfigDict or dict); fields it leaves out take their defaults."""
+        fields = dict(mesh_cfg)
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config.mesh has unknown fields {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in fields.items()})
+
+    def resolve(self, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+        """(sizes, dcn): every axis's total size and its number of slices, -1s resolved, checked against
+        num_devices devices in num_slices equal slices. Raises ValueError naming the config.mesh field."""
+        sizes = _fill("", {a: getattr(self, a) for a in MESH_AXES}, num_devices, "devices")
+        if num_devices % num_slices:
+            raise ValueError(f"{num_devices} devices do not split into {num_slices} equal slices")
+        dcn = _fill("dcn_", {a: getattr(self, "dcn_" + a) for a in MESH_AXES}, num_slices, "slices")
+        for a in MESH_AXES:
+            if sizes[a] % dcn[a]:
+                raise ValueError(
+                    f"config.mesh.{a}={sizes[a]} cannot be split across config.mesh.dcn_{a}={dcn[a]} slices "
+                    f"(dcn {dcn}): make config.mesh.{a} a multiple of {dcn[a]}, or put the slices on another "
+                    f"axis (e.g. config.mesh.dcn_{a}=1 config.mesh.dcn_fsdp={dcn[a]})")
+        return sizes, dcn
+
+
+def _fill(prefix: str, sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+    """Resolves the (at most one) -1 in sizes so that their product is total."""
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    free = [a for a, v in sizes.items() if v == -1]
+    if free:
+        if total % fixed:
+            raise ValueError(f"config.mesh: {total} {what} are not divisible by "
+                             f"{' x '.join(f'{prefix}{a}={v}' for a, v in sizes.items() if v != -1)} = {fixed}")
+        sizes = {**sizes, free[0]: total // fixed}
+    elif fixed != total:
+        raise ValueError(f"config.mesh: {' x '.join(f'{prefix}{a}={v}' for a, v in sizes.items())} = {fixed} "
+                         f"does not equal the {total} {what}")
+    return sizes

@@ -4,7 +4,7 @@ import dataclasses
 
 import ml_collections
 
-from kimi_jax.config import PRESETS
+from kimi_jax.config import PRESETS, MeshConfig
 
 
 def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -27,7 +27,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoint = True
     c.model = model_section(preset)
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))   # axis sizes; dcn_*: slices per axis
     c.data = ml_collections.ConfigDict({   # kimi_jax.data.DataConfig fields
         "source": "stdlib",           # "stdlib" (the Python standard library's sources), "text" or "array_record"
         "paths": (),                  # files / globs for "text" and "array_record"

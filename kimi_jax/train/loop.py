@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from kimi_jax import sharding
 from kimi_jax.checkpoint.orbax_io import SigtermFlag, TrainCheckpointer
-from kimi_jax.config import PRESETS, ModelConfig, RopeScaling
+from kimi_jax.config import PRESETS, MeshConfig, ModelConfig, RopeScaling
 from kimi_jax.data import Prefetcher
 from kimi_jax.model import Transformer, abstract_model
 from kimi_jax.train import data_input
@@ -60,21 +60,30 @@ def model_config(model_cfg) -> ModelConfig:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-    """config.mesh: data/fsdp/expert/tensor sizes; one of them may be -1 (= the remaining devices).
-    devices: default all of jax.devices()."""
+    """The (data, fsdp, expert, tensor) mesh of config.mesh (kimi_jax.config.MeshConfig: one axis may be -1, the
+    remaining devices) over `devices` (default: all of jax.devices()).
+
+    TPU devices of several slices (multi-slice, their `slice_index`) get a hybrid mesh: each axis spans
+    config.mesh.dcn_<axis> slices over DCN (data by default) and the rest of it inside each slice over ICI,
+    laid out by mesh_utils.create_hybrid_device_mesh. Anything else gets sharding.make_mesh (GPU devices in
+    process order: the last axes, tensor then expert, are the ones inside a node)."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = {k: int(mesh_cfg[k]) for k in sharding.MESH_AXES}
-    n = len(devices)
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
-    if free:
-        rest = int(np.prod([v for v in sizes.values() if v != -1]))
-        if n % rest:
-            raise ValueError(f"config.mesh: {n} devices are not divisible by the fixed axes' product {rest} "
-                             f"({sizes})")
-        sizes[free[0]] = n // rest
-    return sharding.make_mesh(**sizes, devices=devices)
+    slices = num_slices(devices)
+    sizes, dcn = MeshConfig.from_config(mesh_cfg).resolve(len(devices), slices)
+    if slices == 1:
+        return sharding.make_mesh(**sizes, devices=devices)
+    from jax.experimental import mesh_utils
+    ici = [sizes[a] // dcn[a] for a in sharding.MESH_AXES]
+    array = mesh_utils.create_hybrid_device_mesh(ici, [dcn[a] for a in sharding.MESH_AXES], devices,
+                                                 allow_split_physical_axes=True)
+    return jax.sharding.Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+def num_slices(devices) -> int:
+    """How many TPU slices the devices span (1 for anything that is not TPU multi-slice)."""
+    if getattr(devices[0], "platform", "") != "tpu":
+        return 1
+    return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def step_kwargs(config) -> dict[str, Any]:
