@@ -60,7 +60,8 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, rewards: ja
     advantage = (rewards - jnp.mean(rewards, axis=1, keepdims=True)) / (
         jnp.std(rewards, axis=1, keepdims=True) + advantage_eps)
     mask = mask.astype(jnp.float32)
-    ratio = jnp.exp(logp.astype(jnp.float32) - jax.lax.stop_gradient(old_logp.astype(jnp.float32)))
+    log_ratio = logp.astype(jnp.float32) - jax.lax.stop_gradient(old_logp.astype(jnp.float32))
+    ratio = jnp.exp(jnp.where(mask > 0, log_ratio, 0.0))      # masked before exp: padding may hold anything
     advantage = advantage[..., None]
     objective = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
     per_response = jnp.sum(objective * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -71,7 +72,7 @@ def sequence_log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) ->
     """log(pi_theta(y|x) / pi_old(y|x)) = sum_t mask_t (logp_t - old_logp_t): [..., T] -> fp32 [...].
     old_logp is a constant (stop_gradient)."""
     diff = logp.astype(jnp.float32) - jax.lax.stop_gradient(old_logp.astype(jnp.float32))
-    return jnp.sum(diff * mask.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.where(mask > 0, diff, 0.0) * mask.astype(jnp.float32), axis=-1)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -101,7 +102,7 @@ def kl_to_old(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Arra
     logp, old_logp, mask [..., T] -> fp32 scalar. For monitoring only (not differentiated)."""
     if not logp.shape == old_logp.shape == mask.shape:
         raise ValueError(f"logp, old_logp and mask must have one shape: {logp.shape}, {old_logp.shape}, {mask.shape}")
-    log_rho = jax.lax.stop_gradient(logp.astype(jnp.float32) - old_logp.astype(jnp.float32))
+    log_rho = jax.lax.stop_gradient(jnp.where(mask > 0, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0))
     k3 = jnp.expm1(log_rho) - log_rho
     return jnp.mean(jnp.sum(k3 * mask.astype(jnp.float32), axis=-1))
 
