@@ -88,7 +88,8 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """log pi(y|x) = sum_t mask_t log pi(targets_t | prefix): logits [..., T, V], targets, mask [..., T] -> fp32 [...]."""
+    """log pi(y|x) = sum_t mask_t log pi(targets_t | prefix):
+    logits [..., T, V], targets, mask [..., T] -> fp32 [...]."""
     if mask.shape != targets.shape:
         raise ValueError(f"mask and targets must have one shape [..., T]: mask {mask.shape}, targets {targets.shape}")
     return jnp.sum(token_logprobs(logits, targets) * mask.astype(jnp.float32), axis=-1)

@@ -183,7 +183,9 @@ for fd in os.listdir("/proc/self/fd"):
     except OSError:
         pass
 for obj in gc.get_objects():
-    items = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    items = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else obj
+    if not isinstance(items, (list, tuple)):
+        continue
     for item in items:
         if isinstance(item, str) and item is not needle:
             look(item, "heap str")

@@ -1,0 +1,22 @@
+"""Post-training with RL on verifiable rewards (Kimi K2 section 3.2; POSTTRAINING.md sections 1-3).
+
+Stable entry points:
+    policy_loss(logp, old_logp, mask, rewards, tau) -> scalar    K2's loss; logp/old_logp/mask [prompts, K, tokens]
+    grpo_loss(logp, old_logp, mask, rewards, *, clip_eps, advantage_eps) -> scalar    GRPO, for A/B runs
+    token_logprobs(logits, targets), sequence_logprobs(logits, targets, mask), kl_to_old(logp, old_logp, mask),
+    mean_entropy(logits, mask)
+    run_python(program, tests, *, timeout_s, limits) -> SandboxResult;  SandboxPool(workers).map(...)
+    score(problems, responses, *, pool) -> [Reward(score, reason)];  excluded(rewards)
+    apply_budget(mask, budget), budget_penalty(rewards, truncated, penalty), length_reward(lengths, correct)
+    tasks.FAMILIES, tasks.generate(family, seed, count, *, difficulty, split)
+"""
+
+from kimi_jax.rl import tasks
+from kimi_jax.rl.loss import grpo_loss, kl_to_old, mean_entropy, policy_loss, sequence_logprobs, token_logprobs
+from kimi_jax.rl.rewards import RewardError, apply_budget, budget_penalty, excluded, length_reward, score
+from kimi_jax.rl.sandbox import STATUSES, Limits, SandboxPool, SandboxResult, run_python
+from kimi_jax.rl.tasks import Problem, Reward
+
+__all__ = ["Limits", "Problem", "Reward", "RewardError", "STATUSES", "SandboxPool", "SandboxResult", "apply_budget",
+           "budget_penalty", "excluded", "grpo_loss", "kl_to_old", "length_reward", "mean_entropy", "policy_loss",
+           "run_python", "score", "sequence_logprobs", "tasks", "token_logprobs"]
