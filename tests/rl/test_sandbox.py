@@ -215,6 +215,6 @@ def test_pool_runs_apart_from_the_caller():
     with SandboxPool(workers=2) as pool:
         results = pool.map([DOUBLE, "def f(x):\n    return x\n", "while True:\n    pass\n"], [TESTS] * 3,
                            timeout_s=1.0, limits=TIGHT)
-    assert [r.status for r in results] == ["passed", "failed", "timeout"]
         with pytest.raises(ValueError, match="2 programs but 1 tests"):
             pool.map(["", ""], [TESTS])
+    assert [r.status for r in results] == ["passed", "failed", "timeout"]
