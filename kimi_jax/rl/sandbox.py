@@ -49,6 +49,7 @@ STATUSES = ("passed", "failed", "timeout", "memory", "runtime_error", "sandbox_e
 SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_supervisor.py")
 NAMESPACE_COMMAND = ("unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "--kill-child")
 SANDBOX_UID_BASE = 100_000         # uids SANDBOX_UID_BASE + (pid mod 2^20) * 2^10 + (run mod 2^10): below 2^31
+RESULT_BYTES = 16 << 20           # kept of the result pipe (each test value's repr is capped at 1 MiB there)
 WATCHDOG_GRACE_S = 10.0            # the supervisor's own start-up and clean-up, beyond timeout_s
 DEFAULT_TIMEOUT_S = 5.0
 TRUTHY = object()                  # the expected "value" of an assert that is not `<expr> == <literal>`
@@ -170,8 +171,8 @@ def namespaces_available() -> bool:
 
 
 def _drain(fds: dict[int, str], deadline: float, cap: int) -> dict[str, str] | None:
-    """Read every fd to EOF (keeping the first `cap` bytes of stdout/stderr, 16 * cap of the others); None if the
-    deadline passes first."""
+    """Read every fd to EOF (keeping the first `cap` bytes of stdout/stderr, RESULT_BYTES of the others); None if
+    the deadline passes first."""
     kept = {name: bytearray() for name in fds.values()}
     with selectors.DefaultSelector() as selector:
         for fd in fds:
@@ -186,7 +187,7 @@ def _drain(fds: dict[int, str], deadline: float, cap: int) -> dict[str, str] | N
                     selector.unregister(key.fd)
                     continue
                 name = fds[key.fd]
-                limit = cap if name in ("stdout", "stderr") else 16 * cap
+                limit = cap if name in ("stdout", "stderr") else RESULT_BYTES
                 kept[name] += chunk[:max(0, limit - len(kept[name]))]
     return {name: data.decode("utf-8", "replace") for name, data in kept.items()}
 

@@ -19,15 +19,16 @@ def _run(program, tests=TESTS, timeout_s=2.0, limits=TIGHT):
 
 
 def _sandbox_processes():
-    """pids of live processes whose real uid is in the sandbox range."""
+    """pids of live (not zombie: orphans wait for the host's init to reap them) processes whose real uid is in the
+    sandbox range."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration):
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
             continue
-        if uid >= sandbox.SANDBOX_UID_BASE:
+        if int(fields["Uid"].split()[0]) >= sandbox.SANDBOX_UID_BASE and not fields["State"].strip().startswith("Z"):
             found.append(pid)
     return found
 
@@ -71,16 +72,34 @@ def test_infinite_loop_times_out():
     assert result.status == "timeout" and 1.0 <= result.wall_s < 1.5 and result.reward == 0.0
 
 
+FORK_BOMB = ("import os, time\nmade = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+             "    except OSError:\n        break\n    if pid == 0:\n        os.setsid()\n        time.sleep(60)\n"
+             "    made += 1\nprint('forked', made, flush=True)\nwhile True:\n    pass\n")
+
+
 def test_fork_bomb_is_bounded_and_killed():
     """Children leave the process group (setsid) and sleep; the parent spins. RLIMIT_NPROC of the run's own uid
     stops the forks, and after the timeout no process of any sandbox uid is left."""
-    program = ("import os, time\nmade = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
-               "    except OSError:\n        break\n    if pid == 0:\n        os.setsid()\n        time.sleep(60)\n"
-               "    made += 1\nprint('forked', made, flush=True)\nwhile True:\n    pass\n")
-    result = _run(program, timeout_s=1.0)
+    result = _run(FORK_BOMB, timeout_s=1.0)
     assert result.status == "timeout"
     assert 0 < int(result.stdout.split()[1]) < TIGHT.max_processes
     assert _sandbox_processes() == []
+
+
+def test_without_namespaces_the_uid_and_rlimits_still_hold(monkeypatch, tmp_path):
+    """The fallback where unshare is unavailable: no network isolation (and the result says so), but the same
+    statuses, the fork bomb bounded and cleaned up by uid, host files protected by permissions."""
+    monkeypatch.setattr(sandbox, "namespaces_available", lambda: False)
+    result = _run(DOUBLE)
+    assert (result.status, result.namespaces) == ("passed", False)
+    result = _run(FORK_BOMB, timeout_s=1.0)
+    assert result.status == "timeout" and 0 < int(result.stdout.split()[1]) < TIGHT.max_processes
+    assert _sandbox_processes() == []
+    sentinel = tmp_path / "keep.txt"
+    sentinel.write_text("keep")
+    result = _run(f"import os\nos.remove({str(sentinel)!r})\n" + DOUBLE)
+    assert result.status == "runtime_error" and "PermissionError" in result.reason and sentinel.exists()
+    assert _run("x = bytearray(8 << 30)\n" + DOUBLE).status == "memory"
 
 
 def test_huge_allocation_is_memory():
