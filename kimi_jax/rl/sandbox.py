@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import marshal
 import os
 import queue
 import selectors
@@ -112,7 +113,7 @@ def run_python(program: str, tests: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
         os.close(result_w)
         os.close(report_w)
     try:
-        process.stdin.write(json.dumps(job).encode())
+        process.stdin.write(marshal.dumps(job))
         process.stdin.close()
     except OSError:
         pass
@@ -194,18 +195,11 @@ def _drain(fds: dict[int, str], deadline: float, cap: int) -> dict[str, str] | N
 
 def _verdict(streams: dict[str, str], expected: dict[int, object], namespaces: bool, wall_s: float) -> SandboxResult:
     total = len(expected)
-    try:
-        report = json.loads(streams["report"])
-    except ValueError:
+    report = _plain(streams["report"])
+    if not isinstance(report, dict):
         return _sandbox_error("the supervisor did not report", streams["stderr"], namespaces, total)
-    records = []
-    for line in streams["results"].splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("pid") == report["child_pid"]:
-            records.append(record)
+    records = [record for record in map(_plain, streams["results"].splitlines())
+               if isinstance(record, dict) and record.get("pid") == report["child_pid"]]
     if not records or records[0].get("start") is not True:
         return _sandbox_error("the program's process failed before the program started", streams["stderr"],
                               namespaces, total)
@@ -238,13 +232,18 @@ def _verdict(streams: dict[str, str], expected: dict[int, object], namespaces: b
     return result(status="passed", reason=f"{total} tests passed")
 
 
-def _check_passed(record: dict | None, expected: object) -> bool:
-    if record is None or "value" not in record:
-        return False
+def _plain(text: str):
+    """ast.literal_eval of text the program may have written, or None where it is not a literal."""
     try:
-        value = ast.literal_eval(record["value"])
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def _check_passed(record: dict | None, expected: object) -> bool:
+    if record is None or not isinstance(record.get("value"), str):
         return False
+    value = _plain(record["value"])
     return bool(value) if expected is TRUTHY else value == expected     # plain data: == is Python's own
 
 

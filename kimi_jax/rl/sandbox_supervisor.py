@@ -1,6 +1,7 @@
 """The root side of one sandboxed run; started by kimi_jax.rl.sandbox as `python -I -S -B sandbox_supervisor.py`,
-possibly inside fresh mount, network and PID namespaces, with the job as one JSON object on stdin. Standard library
-only: it is run as a script and never imports kimi_jax.
+possibly inside fresh mount, network and PID namespaces, with the job as one marshal'ed dict on stdin. Standard
+library only, and few modules (start-up time is most of a run's cost): it is run as a script and never imports
+kimi_jax. Records and the report are repr'ed dicts of plain values, one per line, for ast.literal_eval.
 
 It prepares the scratch space, forks the program's process (which drops to an unprivileged uid of its own under
 rlimits, runs the program, then evaluates each test expression and writes one JSON record per expression to
@@ -10,25 +11,21 @@ before any program code runs.
 """
 
 import ctypes
-import json
+import marshal
 import math
 import os
 import resource
 import select
-import shutil
 import signal
 import sys
-import tempfile
 import time
-import traceback
 
-# Imported before the fork: programs do not pay their import time, and find them also where the interpreter's files
-# are not readable by the unprivileged uid and no mount namespace can expose them (see _expose_interpreter).
+# Without a mount namespace, imported before the fork, so that programs find them also where the interpreter's
+# files are not readable by the unprivileged uid (in a namespace _expose_interpreter makes the whole standard
+# library readable, and programs import what they use, in their own time).
 PRELOADED = ("array", "bisect", "collections", "copy", "dataclasses", "decimal", "enum", "fractions", "functools",
-             "heapq", "itertools", "json", "math", "operator", "random", "re", "statistics", "string", "threading",
-             "typing")
-for _name in PRELOADED:
-    __import__(_name)
+             "heapq", "itertools", "math", "operator", "random", "re", "shutil", "statistics", "string", "tempfile",
+             "threading", "typing")
 
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")    # world-writable; one size-capped tmpfs in a namespace
 MS_NOSUID, MS_NODEV, MS_BIND, MNT_DETACH = 2, 4, 4096, 2
@@ -38,8 +35,11 @@ PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
 
 def main():
-    job = json.loads(sys.stdin.read())
+    job = marshal.loads(sys.stdin.buffer.read())
     report = os.fdopen(job["report_fd"], "w")
+    if not job["namespaces"]:
+        for name in PRELOADED:
+            __import__(name)
     workdir = _scratch(job)
     start = time.monotonic()
     pid = os.fork()
@@ -54,8 +54,8 @@ def main():
     wall_s = time.monotonic() - start
     _kill_uid(job["uid"])
     if not job["namespaces"]:
-        shutil.rmtree(workdir, ignore_errors=True)
-    report.write(json.dumps({"child_pid": pid, "timed_out": not exited, "wall_s": wall_s,
+        sys.modules["shutil"].rmtree(workdir, ignore_errors=True)
+    report.write(repr({"child_pid": pid, "timed_out": not exited, "wall_s": wall_s,
                              "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                              "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}))
     report.close()
@@ -74,7 +74,7 @@ def _scratch(job) -> str:
         workdir = os.path.join(SCRATCH_DIRS[0], "work")
         os.mkdir(workdir, 0o700)
     else:
-        workdir = tempfile.mkdtemp(prefix="sandbox-")
+        workdir = sys.modules["tempfile"].mkdtemp(prefix="sandbox-")
     os.chown(workdir, job["uid"], job["uid"])
     return workdir
 
@@ -127,8 +127,9 @@ def _child(job, workdir):
         os.environ.clear()
         os.environ.update(HOME=workdir, PATH="/usr/bin:/bin", LANG="C.UTF-8")
         results = os.fdopen(job["result_fd"], "w", buffering=1)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        sys.stderr.write(f"sandbox set-up failed: {_describe(e)}\n")
+        sys.stderr.flush()
         os._exit(70)
     _emit(results, start=True)
     namespace = {"__name__": "__main__"}
@@ -155,7 +156,7 @@ def _child(job, workdir):
 
 def _emit(results, **record):
     try:
-        results.write(json.dumps(dict(record, pid=os.getpid())) + "\n")
+        results.write(repr(dict(record, pid=os.getpid())) + "\n")
     except (OSError, ValueError, MemoryError):
         pass
 

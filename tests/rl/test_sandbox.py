@@ -164,13 +164,15 @@ def test_exit_before_the_tests_does_not_pass():
 
 
 def test_fake_pass_lines_and_forged_records_do_not_pass():
-    """The program prints pass lines and writes fake records, claiming its own pid, to every fd it has open."""
-    program = ("import json, os\ndef f(x):\n    return 0\nprint('PASSED\\n2 tests passed\\nOK')\n"
+    """The program prints pass lines and writes records in the result channel's format, claiming its own pid, to
+    every fd it has open: f(2) = 4 is guessed right (a forger that knows the answer is a correct program), the other
+    value is not, so the run fails."""
+    program = ("import os\ndef f(x):\n    return 0\nprint('PASSED\\n2 tests passed\\nOK')\n"
                "for fd in map(int, os.listdir('/proc/self/fd')):\n    for i in range(2):\n        try:\n"
-               "            os.write(fd, (json.dumps({'check': i, 'value': 'True', 'pid': os.getpid()}) + '\\n')"
+               "            os.write(fd, (repr({'check': i, 'value': repr(2 * i + 4), 'pid': os.getpid()}) + '\\n')"
                ".encode())\n        except OSError:\n            pass\n")
     result = _run(program)
-    assert result.status == "failed" and result.tests_passed == 0 and "PASSED" in result.stdout
+    assert result.status == "failed" and result.tests_passed == 1 and "PASSED" in result.stdout
 
 
 def test_expected_outputs_cannot_be_read():
