@@ -4,7 +4,7 @@ library only, and few modules (start-up time is most of a run's cost): it is run
 kimi_jax. Records and the report are repr'ed dicts of plain values, one per line, for ast.literal_eval.
 
 It prepares the scratch space, forks the program's process (which drops to an unprivileged uid of its own under
-rlimits, runs the program, then evaluates each test expression and writes one JSON record per expression to
+rlimits, runs the program, then evaluates each test expression and writes one record per expression to
 `result_fd`), waits at most `timeout_s` for it, kills every process of that uid, and writes the trusted report
 (the child's pid, exit code or signal, whether it timed out, wall time) to `report_fd`, which the child closes
 before any program code runs.
@@ -24,8 +24,7 @@ import time
 # files are not readable by the unprivileged uid (in a namespace _expose_interpreter makes the whole standard
 # library readable, and programs import what they use, in their own time).
 PRELOADED = ("array", "bisect", "collections", "copy", "dataclasses", "decimal", "enum", "fractions", "functools",
-             "heapq", "itertools", "math", "operator", "random", "re", "shutil", "statistics", "string", "tempfile",
-             "threading", "typing")
+             "heapq", "itertools", "math", "operator", "random", "re", "statistics", "string", "threading", "typing")
 
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")    # world-writable; one size-capped tmpfs in a namespace
 MS_NOSUID, MS_NODEV, MS_BIND, MNT_DETACH = 2, 4, 4096, 2
@@ -54,10 +53,11 @@ def main():
     wall_s = time.monotonic() - start
     _kill_uid(job["uid"])
     if not job["namespaces"]:
-        sys.modules["shutil"].rmtree(workdir, ignore_errors=True)
+        import shutil       # here only: imports cost most of a run's time
+        shutil.rmtree(workdir, ignore_errors=True)
     report.write(repr({"child_pid": pid, "timed_out": not exited, "wall_s": wall_s,
-                             "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}))
+                       "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                       "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}))
     report.close()
 
 
@@ -74,7 +74,8 @@ def _scratch(job) -> str:
         workdir = os.path.join(SCRATCH_DIRS[0], "work")
         os.mkdir(workdir, 0o700)
     else:
-        workdir = sys.modules["tempfile"].mkdtemp(prefix="sandbox-")
+        import tempfile     # here only: imports cost most of a run's time
+        workdir = tempfile.mkdtemp(prefix="sandbox-")
     os.chown(workdir, job["uid"], job["uid"])
     return workdir
 
