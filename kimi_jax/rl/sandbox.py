@@ -7,8 +7,8 @@ process). Standard library only: this file also runs as the pool's worker script
 
 How one run is contained:
 - a fresh process per program: `python -I -S sandbox_supervisor.py` (no site-packages, no environment), started
-  with posix_spawn/vfork semantics (no Python code runs between fork and exec, safe from a threaded process) in
-  its own session, wrapped in `unshare --mount --net --pid --fork --mount-proc` where the kernel allows it
+  by subprocess without a preexec_fn (fork and exec happen in C with no Python code between them: safe from a
+  threaded JAX process) in its own session, wrapped in `unshare --mount --net --pid --fork --mount-proc` where the kernel allows it
   (SandboxResult.namespaces says whether it did): no network but a down loopback, no view of host processes,
   the world-writable directories replaced by one tmpfs of Limits.disk_mb MiB;
 - the program's process runs under its own unprivileged uid (distinct per run, so RLIMIT_NPROC really bounds a
@@ -73,7 +73,7 @@ class SandboxResult:
     status: str                    # one of STATUSES
     stdout: str
     stderr: str
-    wall_s: float                  # the program's wall time (spawn to exit when the supervisor did not report)
+    wall_s: float                  # the program's wall time, fork to exit, measured by the supervisor (0 if none)
     tests_passed: int
     tests_total: int
     reason: str                    # why this status, for logs
@@ -122,14 +122,13 @@ def run_python(program: str, tests: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
     if streams is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    wall_s = time.monotonic() - start
     for fd in (result_r, report_r):
         os.close(fd)
     process.stdout.close()
     process.stderr.close()
     if streams is None:
         return _sandbox_error("watchdog: the supervisor did not finish in time", "", namespaces, len(expected))
-    return _verdict(streams, expected, namespaces, wall_s)
+    return _verdict(streams, expected, namespaces)
 
 
 def split_tests(tests: str) -> tuple[list[tuple[str, str]], dict[int, object]]:
@@ -193,7 +192,7 @@ def _drain(fds: dict[int, str], deadline: float, cap: int) -> dict[str, str] | N
     return {name: data.decode("utf-8", "replace") for name, data in kept.items()}
 
 
-def _verdict(streams: dict[str, str], expected: dict[int, object], namespaces: bool, wall_s: float) -> SandboxResult:
+def _verdict(streams: dict[str, str], expected: dict[int, object], namespaces: bool) -> SandboxResult:
     total = len(expected)
     report = _plain(streams["report"])
     if not isinstance(report, dict):
