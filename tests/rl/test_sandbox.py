@@ -19,8 +19,8 @@ def _run(program, tests=TESTS, timeout_s=2.0, limits=TIGHT):
 
 
 def _sandbox_processes():
-    """pids of live (not zombie: orphans wait for the host's init to reap them) processes whose real uid is in the
-    sandbox range."""
+    """pids of live processes (not zombies: orphans wait for the host's init to reap them) under a sandbox uid of
+    runs started by this process (other processes' runs may be under way)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -28,7 +28,8 @@ def _sandbox_processes():
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue
-        if int(fields["Uid"].split()[0]) >= sandbox.SANDBOX_UID_BASE and not fields["State"].strip().startswith("Z"):
+        uid = int(fields["Uid"].split()[0]) - sandbox.SANDBOX_UID_BASE
+        if uid >= 0 and uid >> 10 == os.getpid() & 0xFFFFF and not fields["State"].strip().startswith("Z"):
             found.append(pid)
     return found
 
