@@ -72,18 +72,20 @@ GPU_ENV = [
     ("NCCL_CROSS_NIC", "0", "rail-optimised fabrics: rings stay on the same NIC rail across nodes"),
     ("NCCL_NVLS_ENABLE", "1", "NVLink SHARP (NVSwitch reductions) for the in-node all-reduce"),
     ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92", "JAX preallocates 92% of each GPU (default 75%)"),
-    ("JAX_SHARE_BINARY_BETWEEN_HOSTS", "true", "process 0 compiles; the others receive the executable"),
 ]
 
 
 def gpu_env() -> dict[str, str]:
-    """Every task's environment: XLA flags, NCCL settings, and caches on the node's local disk under --local_cache
-    (kept across jobs: a resumed job finds its kernels compiled and autotuned)."""
+    """Every task's environment: XLA flags, NCCL settings, and caches kept across jobs (a resumed job finds its
+    programs compiled and its kernels autotuned): what every process writes for itself (CUDA's JIT cache, Triton's
+    kernels, XLA's autotune results) on the node's local disk under --local_cache; JAX's compilation cache, which
+    only process 0 writes and every process reads, in <workdir>/jax_cache."""
     cache = _LOCAL_CACHE.value
     env = {k: v for k, v, _ in GPU_ENV}
-    env["XLA_FLAGS"] = " ".join([f for f, _ in XLA_GPU_FLAGS] + [f"--xla_gpu_per_fusion_autotune_cache_dir={cache}/autotune"])
-    env.update(JAX_COMPILATION_CACHE_DIR=f"{cache}/jax", CUDA_CACHE_PATH=f"{cache}/cuda",
-               TRITON_CACHE_DIR=f"{cache}/triton")
+    env["XLA_FLAGS"] = " ".join([f for f, _ in XLA_GPU_FLAGS] +
+                                [f"--xla_gpu_per_fusion_autotune_cache_dir={cache}/autotune"])
+    env.update(CUDA_CACHE_PATH=f"{cache}/cuda", TRITON_CACHE_DIR=f"{cache}/triton",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(_WORKDIR.value, "jax_cache"))
     for item in _ENV.value:
         key, sep, value = item.partition("=")
         if not sep:
