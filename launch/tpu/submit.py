@@ -153,9 +153,9 @@ def check_topology() -> list[str]:
         _, report = aot.compile_and_analyze(_CONFIG.value, devices, mesh=None, chip=aot.chip_for(devices))
         mem = report.get("memory", {})
         if report.get("fits", True) and mem:
-            lines.append(f"per-device memory: {mem['total'] / 2**30:.2f} GiB of {mem['hbm_capacity'] / 2**30:.1f} "
-                         f"GiB HBM (parameters + optimizer {mem['argument'] / 2**30:.2f} GiB, temporaries "
-                         f"{mem['temp'] / 2**30:.2f} GiB); compiled in {report['compile_seconds']:.0f} s")
+            lines.append(f"per-device memory: {_size(mem['total'])} of {_size(mem['hbm_capacity'])} HBM (parameters "
+                         f"+ optimizer state {_size(mem['argument'])}, temporaries {_size(mem['temp'])}); compiled "
+                         f"in {report['compile_seconds']:.0f} s")
         else:
             lines.append(f"per-device memory: DOES NOT FIT ({report.get('oom', {}).get('message', '')})")
     return lines
@@ -170,6 +170,10 @@ def wait_active() -> None:
             sys.exit(f"error: queued resource {_NAME.value} is {state}")
         print(f"queued resource {_NAME.value}: {state or 'not found'}; waiting", flush=True)
         time.sleep(60)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def ensure_slice(plan: list[Step]) -> None:
