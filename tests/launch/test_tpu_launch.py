@@ -107,10 +107,17 @@ def test_workdir_must_be_a_shared_path():
 
 
 def _worker(tmp_path, worker_id, *args):
+    """worker.sh as TPU worker `worker_id`, its virtualenv this one's (marked installed: no pip)."""
+    venv = tmp_path / "venv"
+    if not venv.exists():
+        venv.mkdir()
+        for entry in pathlib.Path(sys.prefix).iterdir():
+            if entry.name != ".installed":
+                (venv / entry.name).symlink_to(entry)
+        (venv / ".installed").touch()
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "TPU_WORKER_ID": str(worker_id),
-           "KIMI_JAX_VENV": str(pathlib.Path(sys.executable).parents[1]), "JAX_PLATFORMS": "cpu",
+           "KIMI_JAX_VENV": str(venv), "JAX_PLATFORMS": "cpu",
            "KIMI_JAX_LOG": str(tmp_path / f"log{worker_id}"), "KIMI_JAX_PIDFILE": str(tmp_path / "pid")}
-    (pathlib.Path(env["KIMI_JAX_VENV"]) / ".installed").touch(exist_ok=True)
     return subprocess.run(["bash", str(ROOT / "launch/tpu/worker.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
