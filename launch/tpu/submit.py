@@ -106,7 +106,8 @@ def code_steps() -> list[Step]:
             f"(git -C {REMOTE_DIR} fetch -q --depth=1 origin {branch} && git -C {REMOTE_DIR} checkout -q -f FETCH_HEAD)"))]
     kind = ["queued-resources", "scp"] if queued() else ["tpu-vm", "scp"]
     nodes = ["--node=all"] if queued() else []
-    return [Step("pack this checkout's HEAD (commit first: uncommitted changes are not sent)", ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", ARCHIVE, "HEAD"]),
+    return [Step("pack this checkout's HEAD (commit first: uncommitted changes are not sent)",
+                 ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", ARCHIVE, "HEAD"]),
             Step("copy it to every worker", gcloud(*kind, ARCHIVE, f"{_NAME.value}:~/", *nodes, "--worker=all")),
             Step("unpack it on every worker", on_all_workers(
                 f"mkdir -p {REMOTE_DIR} && tar -xzf ~/kimi-jax.tar.gz -C {REMOTE_DIR}"))]
@@ -131,6 +132,10 @@ def xpk_steps() -> list[Step]:
 
 
 def steps() -> list[Step]:
+    if _STOP.value and _XPK.value:
+        return [Step("delete the workload", ["xpk", "workload", "delete", f"--cluster={_XPK.value}",
+                                             f"--project={_PROJECT.value}", f"--zone={_ZONE.value}",
+                                             f"--workload={_NAME.value}"])]
     if _STOP.value:
         return [Step("stop train.py on every worker", on_all_workers(
             "test -f ~/kimi_jax_train.pid && kill $(cat ~/kimi_jax_train.pid) || true"))]

@@ -146,3 +146,11 @@ def test_dry_run_compiles_for_two_slices():
     assert line.startswith("per-device memory: ") and " of 95.74 GiB HBM (parameters + optimizer state " in line
     total_mib = float(line.split()[2])
     assert line.split()[3] == "MiB" and 1 < total_mib < 1024, line
+
+
+def test_dry_run_stop():
+    cmds = commands(submit("--stop", "--accelerator_type=v5p-256", "--num_slices=2", "--dry_run").stdout)
+    assert cmds == [f"gcloud compute tpus queued-resources ssh k2 --node=all --worker=all '--command=test -f "
+                    f"~/kimi_jax_train.pid && kill $(cat ~/kimi_jax_train.pid) || true' {GCLOUD}"]
+    cmds = commands(submit("--stop", "--xpk_cluster=gke1", "--dry_run").stdout)
+    assert cmds == ["xpk workload delete --cluster=gke1 --project=proj --zone=us-east5-a --workload=k2"]
