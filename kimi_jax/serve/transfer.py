@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from kimi_jax.serve.weight_sync import (DEFAULT_BUCKET_BYTES, Slot, SyncStats, WeightSyncError, build_state,
                                         bucket_nbytes, buckets_of, bytes_in_use, checksums, engine_layout, flat_params,
-                                        plan_buckets, tensor_name)
+                                        place, plan_buckets, tensor_name, zeros_like_leaf)
 
 
 class Channel:
@@ -98,7 +98,8 @@ class WeightSender:
 
     def __init__(self, engine_cfg, bucket_bytes: int = DEFAULT_BUCKET_BYTES, host: str = "127.0.0.1", port: int = 0,
                  timeout_s: float = 60.0, in_transit: Callable[[int, jax.Array], jax.Array] | None = None):
-        self.slots = plan_buckets(engine_layout(engine_cfg)[2], bucket_bytes)
+        self._leaves = engine_layout(engine_cfg)[2]
+        self.slots = plan_buckets(self._leaves, bucket_bytes)
         self._buckets = buckets_of(self.slots)
         self.bucket_bytes, self.timeout_s, self._in_transit = bucket_bytes, timeout_s, in_transit
         self._listener = socket.create_server((host, port))
@@ -124,18 +125,18 @@ class WeightSender:
         """params: the trainer's pure-dict parameters (TrainState.params) -> the engine loads them as `version`."""
         start, devices = time.perf_counter(), jax.local_devices()
         before = peak = bytes_in_use(devices)
-        flat = flat_params(params, self.slots)
+        flat = flat_params(params, self._leaves)
         channel = self._connect()
         channel.send({"manifest": version, "buckets": [bucket_nbytes(b) for b in self._buckets],
-                      "tensors": [[s.name, list(s.shape), s.dtype.name, s.bucket, s.offset, s.nbytes]
-                                  for s in self.slots]})
+                      "tensors": [[tensor_name(s.path), s.rows, list(s.shape), s.dtype.name, s.bucket, s.offset,
+                                   s.nbytes] for s in self.slots]})
         packed = {0: self._pack(self._buckets[0], flat)}
         for i in range(len(self._buckets)):
             if i + 1 < len(self._buckets):           # dispatched now: runs while bucket i is in flight
                 packed[i + 1] = self._pack(self._buckets[i + 1], flat)
-            buffer, sums = packed.pop(i)
+            buffer, sums, _ = packed.pop(i)
             sums = np.asarray(sums)
-            peak = max(peak, bytes_in_use(devices))
+            peak = max(peak, bytes_in_use(devices) + (packed[i + 1][2] if packed else 0))
             if i > 0:
                 self._await(channel, version, {"ack": i - 1})
             if self._in_transit is not None:
@@ -146,8 +147,9 @@ class WeightSender:
         channel.send({"end": version})
         self._await(channel, version, {"ack": len(self._buckets) - 1})
         self._await(channel, version, {"loaded": version})
+        largest = max(bucket_nbytes(b) for b in self._buckets)
         self.stats = SyncStats(time.perf_counter() - start, sum(s.nbytes for s in self.slots), len(self._buckets),
-                               peak, before + 4 * self.bucket_bytes)
+                               peak, before + 4 * largest)
         return self.stats
 
     def _await(self, channel: Channel, version: int, expected: dict) -> None:
@@ -157,19 +159,23 @@ class WeightSender:
         if reply != expected:
             raise WeightSyncError(f"the engine answered {reply} to version {version}, expected {expected}")
 
-    def _pack(self, bucket: list[Slot], flat) -> tuple[jax.Array, jax.Array]:
+    def _pack(self, bucket: list[Slot], flat) -> tuple[jax.Array, jax.Array, int]:
         """Bucket tensors (training sharding) -> (uint8 [bucket_nbytes] on this process's first device, uint32
-        [tensors, 2] checksums); dispatched asynchronously. The buffer is packed split over the training mesh (one
-        slice per device), then gathered onto the first device."""
+        [tensors, 2] checksums, the packing program's temporary bytes per device); dispatched asynchronously. The
+        buffer is packed split over the training mesh (one slice per device), then gathered onto the first
+        device."""
         leaves = [flat[s.path] for s in bucket]
         key = (tuple(bucket), *(x.sharding for x in leaves))
         if key not in self._programs:
             mesh = leaves[0].sharding.mesh
             split = P(mesh.axis_names) if bucket_nbytes(bucket) % mesh.size == 0 else P()
-            self._programs[key] = jax.jit(lambda xs: _pack_bytes(xs, bucket),
-                                          out_shardings=(NamedSharding(mesh, split), NamedSharding(mesh, P())))
-        buffer, sums = self._programs[key](leaves)
-        return jax.device_put(buffer, SingleDeviceSharding(jax.local_devices()[0])), sums
+            pack = jax.jit(lambda xs: _pack_bytes(xs, bucket),
+                           out_shardings=(NamedSharding(mesh, split), NamedSharding(mesh, P())))
+            self._programs[key] = pack.lower(leaves).compile()
+        program = self._programs[key]
+        buffer, sums = program(leaves)
+        return (jax.device_put(buffer, SingleDeviceSharding(jax.local_devices()[0])), sums,
+                program.memory_analysis().temp_size_in_bytes)
 
     def close(self) -> None:
         if self._channel is not None:
@@ -181,21 +187,28 @@ def _pack_bytes(leaves: list[jax.Array], bucket: list[Slot]) -> tuple[jax.Array,
     parts, end = [], 0
     for slot, x in zip(bucket, leaves):
         parts.append(jnp.zeros((slot.offset - end,), jnp.uint8))
-        parts.append(jax.lax.bitcast_convert_type(x.astype(slot.dtype), jnp.uint8).reshape(-1))
+        parts.append(jax.lax.bitcast_convert_type(slot.take(x).astype(slot.dtype), jnp.uint8).reshape(-1))
         end = slot.offset + slot.nbytes
     parts.append(jnp.zeros((bucket_nbytes(bucket) - end,), jnp.uint8))
     buffer = jnp.concatenate(parts)
     return buffer, checksums(buffer, bucket)
 
 
-def _unpack_bytes(buffer: jax.Array, bucket: list[Slot]) -> list[jax.Array]:
-    out = []
+def _unpack_bytes(buffer: jax.Array, partial: list[jax.Array], bucket: list[Slot]) -> list[jax.Array]:
+    pieces = []
     for slot in bucket:
         raw = buffer[slot.offset:slot.offset + slot.nbytes]
         if slot.dtype.itemsize > 1:
             raw = raw.reshape(-1, slot.dtype.itemsize)
-        out.append(jax.lax.bitcast_convert_type(raw, slot.dtype).reshape(slot.shape))
-    return out
+        pieces.append(jax.lax.bitcast_convert_type(raw, slot.dtype).reshape(slot.shape))
+    return place(bucket, pieces, partial)
+
+
+def _joined(ranges: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """Sorted [start, stop) ranges -> their union when they follow each other without gap or overlap, else None."""
+    if not ranges or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        return None
+    return ranges[0][0], ranges[-1][1]
 
 
 class WeightReceiver:
@@ -209,7 +222,7 @@ class WeightReceiver:
     def __init__(self, engine_cfg, engine_mesh, sender_address: str,
                  on_version: Callable[[nnx.State, int], None], timeout_s: float = 60.0):
         self.graphdef, self._template, leaves = engine_layout(engine_cfg, engine_mesh)
-        self._local = {tensor_name(path): (tuple(path), leaf) for path, leaf in leaves}
+        self._local = {tensor_name(leaf.path): leaf for leaf in leaves}
         self._mesh, self._landing = engine_mesh, engine_mesh.devices.flat[0]
         self.on_version, self.timeout_s = on_version, timeout_s
         self.version, self.stats = 0, None
@@ -271,7 +284,9 @@ class WeightReceiver:
             self._channel.send({"ack": i})
             jax.block_until_ready(unpacked)          # bucket i-1's unpack, so at most two buckets are in flight
             replicated = jax.device_put(buffer, NamedSharding(self._mesh, P()))
-            unpacked = self._program("unpack", bucket)(replicated)
+            partial = [values.pop(s.path) if s.path in values else zeros_like_leaf(self._local[tensor_name(s.path)])
+                       for s in bucket if s.rows is not None]
+            unpacked = self._program("unpack", bucket)(replicated, partial)
             peak = max(peak, bytes_in_use(devices))
             values.update(zip((s.path for s in bucket), unpacked))
         end = self._channel.recv(self.timeout_s, f"the end of version {version}")
@@ -288,21 +303,28 @@ class WeightReceiver:
         return version
 
     def _slots(self, version: int, manifest: dict) -> list[Slot]:
-        """The manifest's tensors, checked against this engine's model (each one present, same shape and dtype)."""
+        """The manifest's tensors, checked against this engine's model: each one present with its dtype, every
+        piece's shape its rows of the tensor, every tensor's rows covered once."""
         if version <= self.version:
             raise WeightSyncError(f"version {version} is not newer than the loaded version {self.version}")
-        slots = []
-        for name, shape, dtype, bucket, offset, nbytes in manifest["tensors"]:
+        slots, covered = [], {name: [] for name in self._local}
+        for name, rows, shape, dtype, bucket, offset, nbytes in manifest["tensors"]:
             if name not in self._local:
                 raise WeightSyncError(f"version {version} has tensor {name}, which the engine's model does not")
-            path, leaf = self._local[name]
-            if tuple(shape) != tuple(leaf.shape) or np.dtype(dtype) != np.dtype(leaf.dtype):
-                raise WeightSyncError(f"tensor {name} of version {version} is {dtype}{list(shape)}, the engine's is "
-                                      f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}")
-            slots.append(Slot(name, path, tuple(shape), np.dtype(dtype), bucket, offset, nbytes))
-        missing = set(self._local) - {s.name for s in slots}
-        if missing:
-            raise WeightSyncError(f"version {version} lacks tensors {sorted(missing)}")
+            leaf = self._local[name]
+            full = tuple(leaf.spec.shape)
+            want = full if rows is None else (rows[1] - rows[0], *full[1:])
+            if tuple(shape) != want or np.dtype(dtype) != np.dtype(leaf.spec.dtype):
+                raise WeightSyncError(f"tensor {name} (rows {rows}) of version {version} is {dtype}{list(shape)}, "
+                                      f"the engine's is {np.dtype(leaf.spec.dtype).name}{list(want)}")
+            covered[name].append((0, full[0] if full else 1) if rows is None else tuple(rows))
+            suffix = "" if rows is None else f"[{rows[0]}:{rows[1]}]"
+            slots.append(Slot(name + suffix, leaf.path, want, np.dtype(dtype), bucket, offset, nbytes,
+                              None if rows is None else tuple(rows)))
+        extent = {name: (0, leaf.spec.shape[0] if leaf.spec.shape else 1) for name, leaf in self._local.items()}
+        wrong = sorted(name for name, ranges in covered.items() if _joined(sorted(ranges)) != extent[name])
+        if wrong:
+            raise WeightSyncError(f"version {version} does not cover tensors {wrong} exactly once")
         return slots
 
     def _program(self, kind: str, bucket: list[Slot]):
@@ -311,13 +333,14 @@ class WeightReceiver:
             if kind == "checksums":
                 self._programs[key] = jax.jit(lambda b: checksums(b, bucket))
             else:
-                shardings = [self._local[s.name][1].sharding for s in bucket]
-                self._programs[key] = jax.jit(lambda b: _unpack_bytes(b, bucket), out_shardings=shardings)
+                shardings = [self._local[tensor_name(s.path)].spec.sharding for s in bucket]
+                self._programs[key] = jax.jit(lambda b, partial: _unpack_bytes(b, partial, bucket),
+                                              out_shardings=shardings, donate_argnums=1)
         return self._programs[key]
 
     def _engine_bytes_per_device(self) -> int:
-        return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-                   for _, leaf in self._local.values())
+        return sum(int(np.prod(leaf.spec.sharding.shard_shape(leaf.spec.shape), dtype=np.int64))
+                   * np.dtype(leaf.spec.dtype).itemsize for leaf in self._local.values())
 
     def close(self) -> None:
         self._channel.close()

@@ -6,9 +6,13 @@ wait in host memory and come back with one host-to-device copy; the engine needs
 
 The plan (`plan_buckets`): the engine's tensors in a fixed order (`nnx.to_flat_state` of the engine's state),
 each with its HF-style name ("moe_layers.mlp.experts.down_proj"), shape and engine dtype, grouped into buckets of at
-most `bucket_bytes` engine bytes (a tensor larger than that gets a bucket of its own), each tensor at a 256-byte
-aligned offset of its bucket (checkpoint-engine's alignment). The disaggregated sync (kimi_jax/serve/transfer.py)
-packs a bucket into one uint8 buffer with these offsets and checks `checksums` on arrival.
+most `bucket_bytes` engine bytes, each tensor at a 256-byte aligned offset of its bucket (checkpoint-engine's
+alignment). A stacked tensor (scanned layers: leading "layers" axis, never sharded) larger than a bucket is cut
+into pieces of whole layers, so a bucket bounds the work of one step down to one layer (K2's routed experts,
+[60, 384, 7168, 2048] per projection, are 10.5 GiB a layer in bf16, split over the expert axis); a piece is
+written into its rows of the engine tensor in place (a donated dynamic_update_slice). The disaggregated sync
+(kimi_jax/serve/transfer.py) packs a bucket into one uint8 buffer with these offsets and
+checks `checksums` on arrival.
 
 ColocatedSync, one rollout round:
     host = sync.offload(train_state)             # device -> pinned_host, device buffers freed
@@ -17,16 +21,19 @@ ColocatedSync, one rollout round:
     train_state = sync.restore(host)             # one host -> device copy of the whole TrainState
 
 Peak device memory of `to_engine` (per device): what was resident before + the engine's parameters (they
-accumulate) + the transient of one bucket, at most 3 x bucket_bytes (the staged fp32 slice, 2 x the bucket's bf16
-bytes where a leaf is replicated, plus XLA's temporaries of the cast and reshard, at most one gathered bucket).
-`SyncStats.peak_bytes` is measured at every bucket and `SyncStats.bound_bytes` is that bound. Buckets run one
-after another (each waited for), so no two buckets' transients overlap.
+accumulate) + the transient of one bucket, at most 3 x the largest bucket (bucket_bytes, or a larger tensor that
+cannot be cut: the embedding and lm_head, split over `tensor` on the vocabulary, get a bucket each, as in
+checkpoint-engine, whose buckets are at least the largest tensor): the bucket's pieces moved to device memory
+(fp32: 2 x its engine bytes where a tensor is replicated) plus XLA's temporaries of the cast and reshard, at most
+one gathered bucket (XLA falls back to "involuntary full rematerialization", a full copy of the tensor on every
+device, when it finds no cheap path between two layouts, e.g. (fsdp x expert) on one dimension -> expert and
+tensor on two others). `SyncStats.peak_bytes` is measured at every bucket and `SyncStats.bound_bytes` is that
+bound. Buckets run one after another (each waited for), so no two buckets' transients overlap.
 
-Donation: jax 0.12 cannot donate across memory kinds ("Donation across different memory kinds is not
-implemented"), so `offload` and `restore` copy, wait for the copy, then delete the source buffers. The staged
-host -> device copy of a bucket is donated to its convert program, so XLA may reuse it for an output of the same
-dtype and layout, and every staged buffer is freed as soon as the program ran (the trainer's own device-resident
-parameters are never donated).
+Donation: the partial engine tensors that pieces are written into are donated (updated in place). jax 0.12 cannot
+donate across memory kinds ("Donation across different memory kinds is not implemented"), so `offload` and
+`restore` copy, wait for the copy, then delete the source buffers; the trainer's own device-resident parameters
+are never donated.
 
 On CPU, `pinned_host` exists (the same DRAM as the "device" memory): offloading is a memcpy that moves the arrays
 to the host memory kind and frees the device-kind buffers, so the sequence and the byte counts are those of an
@@ -37,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -58,8 +64,9 @@ class WeightSyncError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """One engine tensor in a bucket: name (the state path joined by "."), shape, engine dtype, and its bytes
-    [offset, offset + nbytes) in the bucket."""
+    """One engine tensor, or rows [start, stop) of a stacked one (leading "layers" axis; rows is None for a whole
+    tensor), in a bucket: name (the state path joined by ".", "[start:stop]" for rows), shape (of the piece),
+    engine dtype, and its bytes [offset, offset + nbytes) in the bucket."""
 
     name: str
     path: tuple
@@ -68,6 +75,20 @@ class Slot:
     bucket: int
     offset: int
     nbytes: int
+    rows: tuple[int, int] | None = None
+
+    def take(self, x):
+        """This slot's piece of the whole tensor x."""
+        return x if self.rows is None else x[self.rows[0]:self.rows[1]]
+
+
+class Leaf(NamedTuple):
+    """An engine tensor: state path, ShapeDtypeStruct (with the engine sharding when a mesh was given), and whether
+    its leading axis is the scanned "layers" axis (never sharded, so a slice of rows is local on every device)."""
+
+    path: tuple
+    spec: jax.ShapeDtypeStruct
+    stacked: bool
 
 
 class SyncStats(NamedTuple):
@@ -82,15 +103,15 @@ class SyncStats(NamedTuple):
     bound_bytes: int
 
 
-def engine_layout(engine_cfg, engine_mesh=None):
-    """(graphdef, abstract nnx.State, [(path, ShapeDtypeStruct with the engine sharding or None)]) of
-    `create_model(engine_cfg, engine_mesh)`, nothing allocated."""
+def engine_layout(engine_cfg, engine_mesh=None) -> tuple[Any, nnx.State, list[Leaf]]:
+    """(graphdef, abstract nnx.State, [Leaf]) of `create_model(engine_cfg, engine_mesh)`, nothing allocated."""
     graphdef, state = nnx.split(abstract_model(engine_cfg, engine_mesh))
     flat = nnx.to_flat_state(state)
     shardings = ([None] * len(flat) if engine_mesh is None else
                  [s for _, s in nnx.to_flat_state(sharding.state_shardings(state, engine_mesh,
                                                                            sharding.rules_for(engine_cfg)))])
-    leaves = [(path, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=s))
+    leaves = [Leaf(tuple(path), jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=s),
+                   (var.get_metadata().get("axes") or (None,))[0] == "layers")
               for (path, var), s in zip(flat, shardings)]
     return graphdef, state, leaves
 
@@ -99,19 +120,28 @@ def tensor_name(path: tuple) -> str:
     return ".".join(map(str, path))
 
 
-def plan_buckets(leaves, bucket_bytes: int) -> list[Slot]:
-    """[(path, ShapeDtypeStruct)] in order -> their Slots: consecutive tensors share a bucket while its aligned
-    size stays <= bucket_bytes."""
+def plan_buckets(leaves: list[Leaf], bucket_bytes: int) -> list[Slot]:
+    """Leaves in order -> Slots: consecutive tensors share a bucket while its aligned size stays <= bucket_bytes;
+    a stacked tensor larger than bucket_bytes is cut into pieces of as many layers as fit (at least one), any
+    other larger tensor gets a bucket of its own (rows of it would be split over devices: not a local slice)."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket_bytes must be >= {ALIGN}, got {bucket_bytes}")
     slots, bucket, used = [], 0, 0
-    for path, leaf in leaves:
-        dtype = np.dtype(leaf.dtype)
-        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
-        if used and used + nbytes > bucket_bytes:
-            bucket, used = bucket + 1, 0
-        slots.append(Slot(tensor_name(path), tuple(path), tuple(leaf.shape), dtype, bucket, used, nbytes))
-        used += -(-nbytes // ALIGN) * ALIGN
+    for leaf in leaves:
+        dtype, shape = np.dtype(leaf.spec.dtype), tuple(leaf.spec.shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        pieces = [None]
+        if leaf.stacked and nbytes > bucket_bytes:
+            step = max(1, bucket_bytes // (nbytes // shape[0]))
+            pieces = [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+        for rows in pieces:
+            piece = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+            size = int(np.prod(piece, dtype=np.int64)) * dtype.itemsize
+            if used and used + size > bucket_bytes:
+                bucket, used = bucket + 1, 0
+            name = tensor_name(leaf.path) + ("" if rows is None else f"[{rows[0]}:{rows[1]}]")
+            slots.append(Slot(name, leaf.path, piece, dtype, bucket, used, size, rows))
+            used += -(-size // ALIGN) * ALIGN
     return slots
 
 
@@ -145,17 +175,32 @@ def checksums(buffer: jax.Array, bucket: list[Slot]) -> jax.Array:
     return jnp.stack(out)
 
 
-def flat_params(params, slots: list[Slot]) -> dict[tuple, Any]:
-    """The trainer's pure-dict parameters by path, checked against the plan (missing tensor or other shape: a
-    WeightSyncError naming the tensor)."""
+def flat_params(params, leaves: list[Leaf]) -> dict[tuple, Any]:
+    """The trainer's pure-dict parameters by path, checked against the engine's tensors (missing tensor or other
+    shape: a WeightSyncError naming the tensor)."""
     flat = traverse_util.flatten_dict(params)
-    for slot in slots:
-        if slot.path not in flat:
-            raise WeightSyncError(f"the trainer's parameters have no tensor {slot.name}")
-        if tuple(flat[slot.path].shape) != slot.shape:
-            raise WeightSyncError(f"tensor {slot.name} has shape {tuple(flat[slot.path].shape)} in the trainer, "
-                                  f"{slot.shape} in the engine")
+    for leaf in leaves:
+        name, shape = tensor_name(leaf.path), tuple(leaf.spec.shape)
+        if leaf.path not in flat:
+            raise WeightSyncError(f"the trainer's parameters have no tensor {name}")
+        if tuple(flat[leaf.path].shape) != shape:
+            raise WeightSyncError(f"tensor {name} has shape {tuple(flat[leaf.path].shape)} in the trainer, "
+                                  f"{shape} in the engine")
     return flat
+
+
+def zeros_like_leaf(leaf: Leaf) -> jax.Array:
+    """The engine tensor a stacked tensor's pieces are written into, allocated in its engine sharding."""
+    return jax.jit(lambda: jnp.zeros(leaf.spec.shape, leaf.spec.dtype), out_shardings=leaf.spec.sharding)()
+
+
+def place(bucket: list[Slot], pieces: list[jax.Array], partial: list[jax.Array]) -> list[jax.Array]:
+    """Inside a jitted program: each slot's piece becomes its output; a stacked tensor's piece is written into its
+    rows of the (donated) partial engine tensor, in order."""
+    partial, out = list(partial), []
+    for slot, piece in zip(bucket, pieces):
+        out.append(piece if slot.rows is None else partial.pop(0).at[slot.rows[0]:slot.rows[1]].set(piece))
+    return out
 
 
 def build_state(template: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
@@ -181,10 +226,6 @@ def bytes_in_use(devices) -> int:
     return max(per_device.values())
 
 
-def on_host(x: jax.Array) -> bool:
-    return x.sharding.memory_kind in ("pinned_host", "unpinned_host")
-
-
 def host_memory_kind(device) -> str:
     """"pinned_host" where the device has it (GPU, TPU, and CPU in jax 0.12), else "unpinned_host"."""
     kinds = {m.kind for m in device.addressable_memories()}
@@ -203,10 +244,10 @@ class ColocatedSync:
     """
 
     def __init__(self, engine_cfg, engine_mesh, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        self.graphdef, self._template, leaves = engine_layout(engine_cfg, engine_mesh)
-        self.slots = plan_buckets(leaves, bucket_bytes)
+        self.graphdef, self._template, self._leaves = engine_layout(engine_cfg, engine_mesh)
+        self.slots = plan_buckets(self._leaves, bucket_bytes)
         self.bucket_bytes = bucket_bytes
-        self._shardings = {tuple(path): leaf.sharding for path, leaf in leaves}
+        self._by_path = {leaf.path: leaf for leaf in self._leaves}
         self._devices = list(engine_mesh.devices.flat)
         self._programs: dict[tuple, Any] = {}
         self.version = 0
@@ -216,43 +257,50 @@ class ColocatedSync:
         """params: the trainer's pure-dict parameters (TrainState.params), on device or offloaded to host (left
         untouched) -> (engine nnx.State, version). version: default the previous one + 1."""
         start, before = time.perf_counter(), bytes_in_use(self._devices)
-        flat = flat_params(params, self.slots)
+        flat = flat_params(params, self._leaves)
         values, peak = {}, before
         for bucket in buckets_of(self.slots):
             sources = [flat[s.path] for s in bucket]
-            staged = on_host(sources[0])
-            if staged:                                # one bucket host -> device, donated to the program below
-                sources = jax.device_put(sources, [x.sharding.with_memory_kind("device") for x in sources])
-            program = self._program(bucket, sources, donate=staged)
+            partial = [values.pop(s.path) if s.path in values else zeros_like_leaf(self._by_path[s.path])
+                       for s in bucket if s.rows is not None]
+            program = self._program(bucket, sources)
             analysis = program.memory_analysis()
             peak = max(peak, bytes_in_use(self._devices) + analysis.output_size_in_bytes
-                       + analysis.temp_size_in_bytes)
-            outputs = program(sources)
+                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+            outputs = program(sources, partial)
             jax.block_until_ready(outputs)
-            del sources
             values.update(zip((s.path for s in bucket), outputs))
         engine_bytes = sum(s.nbytes for s in self.slots)
         self.version = self.version + 1 if version is None else version
+        largest = max(bucket_nbytes(b) for b in buckets_of(self.slots))
         self.stats = SyncStats(time.perf_counter() - start, engine_bytes, self.slots[-1].bucket + 1, peak,
-                               before + self._engine_bytes_per_device() + 3 * self.bucket_bytes)
+                               before + self._engine_bytes_per_device() + 3 * largest)
         return build_state(self._template, values), self.version
 
-    def _program(self, bucket: list[Slot], sources: list[jax.Array], donate: bool):
-        """The compiled cast + reshard of one bucket (cached by the inputs' shardings and donation)."""
-        key = (bucket[0].bucket, donate, *(x.sharding for x in sources))
+    def _program(self, bucket: list[Slot], sources: list[jax.Array]):
+        """The compiled program of one bucket (cached by the inputs' shardings): each slot's piece is taken where
+        its tensor is (host or device), moved to device memory, cast in its training sharding (what moves between
+        devices is engine bytes), resharded to the engine's sharding; pieces of stacked tensors are written into
+        the donated partial engine tensors in place."""
+        key = (bucket[0].bucket, *(x.sharding for x in sources))
         if key not in self._programs:
-            dtypes = [s.dtype for s in bucket]
-            convert = jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)],
-                              out_shardings=[self._shardings[s.path] for s in bucket],
-                              donate_argnums=0 if donate else ())
-            with warnings.catch_warnings():      # a donated input that no output can reuse is freed after the run
-                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                self._programs[key] = convert.lower(sources).compile()
+            on_device = [x.sharding.with_memory_kind("device") for x in sources]
+
+            def convert(xs, partial):
+                pieces = [jax.lax.with_sharding_constraint(
+                              jax.device_put(slot.take(x), target).astype(slot.dtype), target)
+                          for slot, x, target in zip(bucket, xs, on_device)]
+                return place(bucket, pieces, partial)
+
+            convert = jax.jit(convert, out_shardings=[self._by_path[s.path].spec.sharding for s in bucket],
+                              donate_argnums=1)
+            partial = [self._by_path[s.path].spec for s in bucket if s.rows is not None]
+            self._programs[key] = convert.lower(sources, partial).compile()
         return self._programs[key]
 
     def _engine_bytes_per_device(self) -> int:
-        return sum(int(np.prod(self._shardings[s.path].shard_shape(s.shape), dtype=np.int64)) * s.dtype.itemsize
-                   for s in self.slots)
+        return sum(int(np.prod(leaf.spec.sharding.shard_shape(leaf.spec.shape), dtype=np.int64))
+                   * np.dtype(leaf.spec.dtype).itemsize for leaf in self._leaves)
 
     @staticmethod
     def offload(tree):

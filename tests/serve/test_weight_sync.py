@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from experiments.configs import small
 from kimi_jax import sharding
 from kimi_jax.infer.generate import generate
 from kimi_jax.serve.transfer import WeightReceiver, _pack_bytes
@@ -23,12 +22,13 @@ from kimi_jax.serve.weight_sync import (ALIGN, ColocatedSync, WeightSyncError, b
 from kimi_jax.train import loop
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from weight_sync_trainer import MAX_NEW_TOKENS, PROMPTS, build_trainer, engine_config, reference  # noqa: E402
+from weight_sync_trainer import (MAX_NEW_TOKENS, PROMPTS, build_trainer, engine_config, reference,  # noqa: E402
+                                 training_config)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAINER = pathlib.Path(__file__).parent / "weight_sync_trainer.py"
-BUCKET_BYTES = 96 << 10
-ENGINE_CFG = engine_config(loop.model_config(small.get_config().model))
+BUCKET_BYTES = 48 << 10     # the stacked experts ([2, 8, 32, 64] bf16, 64 KiB) go in pieces of one layer
+ENGINE_CFG = engine_config(loop.model_config(training_config().model))
 
 
 def engine_mesh(devices):
@@ -37,17 +37,26 @@ def engine_mesh(devices):
 
 
 def test_plan_buckets_are_bounded_and_aligned():
-    slots = plan_buckets(engine_layout(ENGINE_CFG)[2], 20_000)
+    leaves = engine_layout(ENGINE_CFG)[2]
+    slots = plan_buckets(leaves, 20_000)
     bias = [s for s in slots if s.name.endswith("e_score_correction_bias")]
     assert [s.dtype for s in bias] == [np.float32]                       # the router bias keeps fp32
     assert {s.dtype for s in slots if s not in bias} == {np.dtype(jnp.bfloat16)}
-    buckets = buckets_of(slots)
-    for bucket in buckets:
+    for bucket in buckets_of(slots):
         assert all(s.offset % ALIGN == 0 for s in bucket)
         assert all(a.offset + a.nbytes <= b.offset for a, b in zip(bucket, bucket[1:]))
         assert bucket[-1].offset + bucket[-1].nbytes <= 20_000 or len(bucket) == 1
-    assert any(len(b) == 1 and b[0].nbytes > 20_000 for b in buckets)     # a larger tensor gets its own bucket
-    assert [s.name for s in slots] == [".".join(map(str, p)) for p, _ in engine_layout(ENGINE_CFG)[2]]
+    by_path = {}
+    for s in slots:
+        by_path.setdefault(s.path, []).append(s)
+    assert list(by_path) == [leaf.path for leaf in leaves]              # every tensor, in the state's order
+    experts = by_path[("moe_layers", "mlp", "experts", "down_proj")]      # [2, 8, 32, 64] bf16: 64 KiB
+    assert [(s.name.split(".")[-1], s.rows, s.shape) for s in experts] == [
+        ("down_proj[0:1]", (0, 1), (1, 8, 32, 64)), ("down_proj[1:2]", (1, 2), (1, 8, 32, 64))]
+    embed = by_path[("embed_tokens", "embedding")]                        # [272, 64] bf16, not stacked: whole
+    assert [(s.rows, s.nbytes) for s in embed] == [(None, 272 * 64 * 2)]
+    assert sum(s.nbytes for s in slots) == sum(np.prod(leaf.spec.shape) * leaf.spec.dtype.itemsize
+                                               for leaf in leaves)
 
 
 def test_checksums_name_the_corrupted_tensor():
@@ -83,11 +92,11 @@ def test_colocated_offload_sync_restore():
     assert all(x.is_deleted() for x in jax.tree.leaves(state))
     assert {x.sharding.memory_kind for x in jax.tree.leaves(host)} == {"pinned_host"}
     engine_state, version = sync.to_engine(host.params)
-    assert version == 1 and sync.stats.buckets > 1
+    assert version == 1 and sync.stats.buckets > 1 and any(s.rows for s in sync.slots)
     assert sync.stats.peak_bytes <= sync.stats.bound_bytes, sync.stats
 
     trainer = traverse_util.flatten_dict(saved.params)
-    layout = dict(engine_layout(ENGINE_CFG, mesh)[2])
+    layout = {leaf.path: leaf.spec for leaf in engine_layout(ENGINE_CFG, mesh)[2]}
     for path, var in nnx.to_flat_state(engine_state):
         value = var.get_value()
         assert value.dtype == (jnp.float32 if path[-1] == "e_score_correction_bias" else jnp.bfloat16)

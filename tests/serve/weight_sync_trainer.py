@@ -1,10 +1,11 @@
-"""The trainer process of the disaggregated weight-sync tests: trains the small K2-shaped model (experiments/configs/
-small.py, the tiny preset shrunk) on a (fsdp=2, expert=2) mesh of its 4 CPU devices and pushes a version after
-every --steps_per_version steps to the engine that connects to it.
+"""The trainer process of the disaggregated weight-sync tests: trains the small K2-shaped model
+(experiments/configs/small.py, the tiny preset shrunk; 3 layers here) on a (fsdp=2, expert=2) mesh of its 4 CPU
+devices and pushes a version after every --steps_per_version steps to the engine that connects to it.
 
 Prints JSON lines on stdout: {"listening": address}; per version, before pushing and with --reference,
 {"version": v, "tokens": ..., "logits": ...} (greedy tokens of the trainer's own forward with the parameters cast to
-the engine's dtypes, on its own mesh, and the logits of each prompt's first token); after it, {"pushed": v} or {"rejected": v, "error": ...} (a rejected version is pushed once more).
+the engine's dtypes, on its own mesh, and the logits of each prompt's first token); after it, {"pushed": v} or
+{"rejected": v, "error": ...} (a rejected version is pushed once more).
 --corrupt=V:I flips a bit of byte 5 of bucket I of version V's first push after its checksums were taken;
 --kill_at=V:I SIGKILLs this process when bucket I of version V is about to be offered (bucket I-1 was
 received).
@@ -33,7 +34,7 @@ MAX_NEW_TOKENS = 8
 
 _VERSIONS = flags.DEFINE_integer("versions", 2, "versions to push")
 _STEPS = flags.DEFINE_integer("steps_per_version", 2, "train steps before each version")
-_BUCKET_BYTES = flags.DEFINE_integer("bucket_bytes", 32 << 10, "bucket size in engine bytes")
+_BUCKET_BYTES = flags.DEFINE_integer("bucket_bytes", 48 << 10, "bucket size in engine bytes")
 _REFERENCE = flags.DEFINE_bool("reference", False, "print each version's greedy tokens and first logits")
 _CORRUPT = flags.DEFINE_string("corrupt", "", "V:I: corrupt bucket I of version V's first push")
 _KILL_AT = flags.DEFINE_string("kill_at", "", "V:I: SIGKILL this process before offering bucket I of version V")
@@ -48,11 +49,17 @@ def emit(**message):
     print(json.dumps(message), flush=True)
 
 
+def training_config(fsdp: int = 1, expert: int = 1):
+    """small.py with 3 layers (two stacked MoE layers, so a stack can be cut into pieces of one layer), on a
+    (fsdp, expert) mesh, no warmup."""
+    return override(small.get_config(), {"model.num_hidden_layers": 3, "mesh.data": 1, "mesh.fsdp": fsdp,
+                                         "mesh.expert": expert, "mesh.tensor": 1, "optimizer.warmup_steps": 0,
+                                         "optimizer.learning_rate": 1e-2})
+
+
 def build_trainer(fsdp: int, expert: int):
     """(ModelConfig, TrainState, jitted step, batch): the small model on a (fsdp, expert) mesh, a fixed batch."""
-    config = override(small.get_config(), {"mesh.data": 1, "mesh.fsdp": fsdp, "mesh.expert": expert,
-                                           "mesh.tensor": 1, "optimizer.warmup_steps": 0,
-                                           "optimizer.learning_rate": 1e-2})
+    config = training_config(fsdp, expert)
     cfg = loop.model_config(config.model)
     graphdef, state, tx, lr = loop.init_state(config, cfg, loop.make_mesh(config.mesh))
     step = jax.jit(make_train_step(graphdef, cfg, tx, lr), donate_argnums=0)
