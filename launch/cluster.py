@@ -23,16 +23,18 @@ def config_args(argv: list[str]) -> list[str]:
 
 def mesh_report(config, devices) -> list[str]:
     """Builds config.mesh over `devices` exactly as train.py does (loop.make_mesh; multi-slice TPU devices get the
-    DCN split of config.mesh.dcn_*) and checks the batch against it (loop.check_config). Returns printable
-    lines; a ValueError names the config field that is wrong."""
+    DCN split of config.mesh.dcn_*) and checks the batch (loop.check_config) and the model (sharding.check_mesh:
+    heads, experts, MLP widths divisible by their axes) against it. Returns printable lines; a ValueError names
+    the config field that is wrong."""
     from kimi_jax import sharding
     from kimi_jax.train import aot, loop
     mesh = loop.make_mesh(config.mesh, devices)
     loop.check_config(config, mesh)
+    sharding.check_mesh(loop.model_config(config.model), mesh)
     batch, micro = config.data.global_batch_size, config.train.microbatches
     lines = [f"mesh {dict(mesh.shape)} over {len(devices)} devices ({devices[0].device_kind})",
              f"batch: {batch} sequences of {config.data.seq_len} tokens per step, {micro} microbatch(es) of "
-             f"{batch // micro}, {batch // micro // sharding.batch_divisor(mesh)} per device"]
+             f"{batch // micro}, {batch // micro // sharding.batch_divisor(mesh)} per batch shard"]
     for axis, spans in aot.describe_mesh(mesh)["physical"].items():
         lines.append(f"  {axis:<7}{mesh.shape[axis]:>5}: " + ", ".join(f"{k} {v}" for k, v in spans.items()))
     return lines

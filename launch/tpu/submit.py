@@ -101,9 +101,10 @@ def code_steps() -> list[Step]:
         if not _REPO.value:
             raise app.UsageError("--code=clone needs --repo_url")
         repo, branch = shlex.quote(_REPO.value), shlex.quote(_BRANCH.value)
+        update = (f"git -C {REMOTE_DIR} fetch -q --depth=1 origin {branch} && "
+                  f"git -C {REMOTE_DIR} checkout -q -f FETCH_HEAD")
         return [Step("clone (or update) the code on every worker", on_all_workers(
-            f"git clone -q --depth=1 --branch={branch} {repo} {REMOTE_DIR} 2>/dev/null || "
-            f"(git -C {REMOTE_DIR} fetch -q --depth=1 origin {branch} && git -C {REMOTE_DIR} checkout -q -f FETCH_HEAD)"))]
+            f"git clone -q --depth=1 --branch={branch} {repo} {REMOTE_DIR} 2>/dev/null || ({update})"))]
     kind = ["queued-resources", "scp"] if queued() else ["tpu-vm", "scp"]
     nodes = ["--node=all"] if queued() else []
     return [Step("pack this checkout's HEAD (commit first: uncommitted changes are not sent)",

@@ -12,7 +12,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SUBMIT = str(ROOT / "launch" / "tpu" / "submit.py")
 GCLOUD = "--zone=us-east5-a --project=proj"
-TINY = ["--config=experiments/configs/tiny.py", "--config.data.global_batch_size=256", "--config.mesh.fsdp=-1"]
+TINY = ["--config=experiments/configs/tiny.py", "--config.model.n_routed_experts=16",  # K2's EP 16 on a tiny model
+        "--config.data.global_batch_size=256", "--config.mesh.fsdp=-1"]
 
 pytest.importorskip("libtpu", reason="the TPU dry run needs libtpu (requirements-aot.txt)")
 
@@ -38,10 +39,11 @@ def test_dry_run_v5p_512():
     lines = out.splitlines()
     assert "topology: 1 x v5p-512 = 256 chips, 64 hosts (4 chips each)" in lines
     assert "mesh {'data': 1, 'fsdp': 16, 'expert': 16, 'tensor': 1} over 256 devices (TPU v5)" in lines
-    assert "batch: 256 sequences of 256 tokens per step, 1 microbatch(es) of 256, 1 per device" in lines
+    assert "batch: 256 sequences of 256 tokens per step, 1 microbatch(es) of 256, 1 per batch shard" in lines
     assert "  fsdp      16: x 2, z 8" in lines and "  expert    16: x 2, y 8" in lines    # the 8x8x4 torus, split
     train = ("'--command=cd kimi-jax && bash launch/tpu/worker.sh --config=experiments/configs/tiny.py "
-             "--config.data.global_batch_size=256 --config.mesh.fsdp=-1 --config.mesh.data=1 --config.mesh.expert=16 "
+             "--config.model.n_routed_experts=16 --config.data.global_batch_size=256 --config.mesh.fsdp=-1 "
+             "--config.mesh.data=1 --config.mesh.expert=16 "
              "--workdir=/mnt/shared/k2 --distributed=on'")
     assert commands(out) == [
         f"gcloud compute tpus tpu-vm describe k2 '--format=value(state)' {GCLOUD}",
@@ -85,6 +87,8 @@ def test_dry_run_two_slices_fsdp_over_dcn():
     (["--accelerator_type=v5p-512", "--config.mesh.data=1", "--config.data.global_batch_size=128"],
      "config.data.global_batch_size (128) must be divisible by the mesh's batch split"),
     (["--accelerator_type=v5p-512", "--config.mesh.tensor=0"], "config.mesh.tensor must be an integer >= 1 or -1"),
+    (["--accelerator_type=v5p-512", "--config.mesh.data=1", "--config.mesh.expert=32"],
+     "ModelConfig.n_routed_experts (16) is not divisible by the mesh 'expert' axis (32)"),
 ])
 def test_dry_run_errors_name_the_field(args, message):
     proc = submit(*TINY, *args, "--dry_run", check=False)
@@ -154,3 +158,12 @@ def test_dry_run_stop():
                     f"~/kimi_jax_train.pid && kill $(cat ~/kimi_jax_train.pid) || true' {GCLOUD}"]
     cmds = commands(submit("--stop", "--xpk_cluster=gke1", "--dry_run").stdout)
     assert cmds == ["xpk workload delete --cluster=gke1 --project=proj --zone=us-east5-a --workload=k2"]
+
+
+def test_dry_run_clone_instead_of_copy():
+    cmds = commands(submit("--accelerator_type=v5p-512", *TINY, "--config.mesh.data=1", "--code=clone",
+                           "--repo_url=https://example.org/kimi-jax.git", "--branch=v1", "--dry_run").stdout)
+    assert cmds[2] == ("gcloud compute tpus tpu-vm ssh k2 --worker=all '--command=git clone -q --depth=1 --branch=v1 "
+                       "https://example.org/kimi-jax.git kimi-jax 2>/dev/null || (git -C kimi-jax fetch -q --depth=1 "
+                       f"origin v1 && git -C kimi-jax checkout -q -f FETCH_HEAD)' {GCLOUD}")
+    assert len(cmds) == 4
