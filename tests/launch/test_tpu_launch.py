@@ -167,3 +167,34 @@ def test_dry_run_clone_instead_of_copy():
                        "https://example.org/kimi-jax.git kimi-jax 2>/dev/null || (git -C kimi-jax fetch -q --depth=1 "
                        f"origin v1 && git -C kimi-jax checkout -q -f FETCH_HEAD)' {GCLOUD}")
     assert len(cmds) == 4
+
+
+def _fake_gcloud(tmp_path, state: str) -> dict:
+    """A `gcloud` that logs its arguments and answers `describe` with `state` ("" = not found)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(
+        "#!/bin/sh\n"
+        f"echo \"$*\" >> {tmp_path / 'calls'}\n"
+        "case \"$*\" in *describe*) [ -n \"$FAKE_STATE\" ] && echo \"$FAKE_STATE\" && exit 0; exit 1;; esac\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": state}
+
+
+@pytest.mark.parametrize("state, created", [("READY", False), ("", True), ("PREEMPTED", True)])
+def test_run_reuses_a_ready_slice_and_recreates_a_preempted_one(tmp_path, state, created):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **_fake_gcloud(tmp_path, state)}
+    proc = subprocess.run([sys.executable, SUBMIT, "--name=k2", "--zone=z", "--project=p", "--workdir=/mnt/k2",
+                           "--accelerator_type=v5p-8", "--code=clone", "--repo_url=https://example.org/r.git"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [c.split(" --zone")[0] for c in (tmp_path / "calls").read_text().splitlines()]
+    expected = ["compute tpus tpu-vm describe k2 --format=value(state)"]
+    if state == "PREEMPTED":
+        expected.append("compute tpus tpu-vm delete k2 --quiet")
+    if created:
+        expected.append("compute tpus tpu-vm create k2 --accelerator-type=v5p-8 --version=v2-alpha-tpuv5")
+    assert calls[:-2] == expected
+    assert calls[-2].startswith("compute tpus tpu-vm ssh k2 --worker=all --command=git clone")
+    assert calls[-1].startswith("compute tpus tpu-vm ssh k2 --worker=all --command=cd kimi-jax && bash "
+                                "launch/tpu/worker.sh --workdir=/mnt/k2 --distributed=on")
