@@ -31,7 +31,7 @@ import subprocess
 import sys
 
 REPO_URL = os.environ.get("KIMI_JAX_REPO_URL", "")   # the git URL this notebook was opened from
-STEPS = int(os.environ.get("KIMI_JAX_NOTEBOOK_STEPS", "300"))   # ~3 minutes on the free CPU runtime
+STEPS = int(os.environ.get("KIMI_JAX_NOTEBOOK_STEPS", "300"))   # the tiny config's run (launch/quickstart.sh train)
 
 
 def find_checkout() -> pathlib.Path | None:
@@ -80,6 +80,7 @@ print(f"tiny preset: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} rout
 # workdir (run the cell again and it resumes), `metrics.jsonl` with one line per logged step.
 
 # %%
+import json
 import tempfile
 
 config = get_config()
@@ -89,16 +90,15 @@ config.mesh.data = jax.device_count()
 config.data.global_batch_size = 16 * jax.device_count()
 config.sample.max_new_tokens = 200
 workdir = pathlib.Path(os.environ.get("KIMI_JAX_NOTEBOOK_WORKDIR", tempfile.mkdtemp(prefix="kimi_tiny_")))
-summary = loop.train(config, str(workdir))
-print(f"step {summary['step']}: loss {summary['loss']:.3f}, max attention logit {summary['max_attention_logit']:.1f}")
+summary = loop.train(config, str(workdir))                 # a workdir with checkpoints: resumes from the newest
+last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+print(f"step {last['step']}: loss {last['loss']:.3f}, max attention logit {last['max_attention_logit']:.1f}")
 
 # %% [markdown]
 # ## Loss and the max attention logit
 # QK-Clip rescales a head's query/key weights whenever its max logit passes tau (`config.optimizer.qk_clip_tau`).
 
 # %%
-import json
-
 import matplotlib.pyplot as plt
 
 records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
