@@ -254,8 +254,14 @@ class Engine:
     def result(self, request_id: int) -> Completion:
         return self._results[request_id]
 
-    def pop_result(self, request_id: int) -> Completion:
-        return self._results.pop(request_id)
+    def finished(self, request_id: int) -> bool:
+        """Whether every sample of the request has finished (True for unknown or discarded ids)."""
+        result = self._results.get(request_id)
+        return result is None or result.finished
+
+    def discard(self, request_id: int) -> None:
+        """Forget a finished request's result (a long-running server calls this once it has been delivered)."""
+        self._results.pop(request_id, None)
 
     @property
     def has_work(self) -> bool:
