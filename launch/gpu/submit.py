@@ -94,14 +94,21 @@ def gpu_env() -> dict[str, str]:
     return env
 
 
+def layout() -> str:
+    """--layout; without SLURM always one process per node (the command each node runs)."""
+    return "process_per_node" if _SCHEDULER.value == "none" else _LAYOUT.value
+
+
 def tasks_per_node() -> int:
-    return _GPUS.value if _LAYOUT.value == "process_per_gpu" else 1
+    return _GPUS.value if layout() == "process_per_gpu" else 1
 
 
-def train_argv() -> list[str]:
+def train_argv(distributed: list[str], per_node: bool) -> list[str]:
+    """launch/train.py with the config arguments, the workdir, how it joins the others, and for a process that
+    drives a whole node its GPUs (JAX would otherwise take only GPU $SLURM_LOCALID)."""
     argv = [_PYTHON.value, os.path.join(ROOT, "launch/train.py"), *config_args(sys.argv),
-            f"--workdir={_WORKDIR.value}", "--distributed=on"]
-    if _LAYOUT.value == "process_per_node":
+            f"--workdir={_WORKDIR.value}", *distributed]
+    if per_node:
         argv.append("--local_device_ids=" + ",".join(map(str, range(_GPUS.value))))
     return argv
 
@@ -111,7 +118,7 @@ def srun_step() -> Step:
         "srun", f"--nodes={_NODES.value}", f"--ntasks-per-node={tasks_per_node()}",
         f"--gpus-per-node={_GPUS.value}", "--kill-on-bad-exit=1", "--cpu-bind=none", "--export=ALL",
         f"--chdir={ROOT}", "bash", "-c", f'mkdir -p {shlex.quote(_LOCAL_CACHE.value)} && exec "$@"', "task",
-        *train_argv()], env=gpu_env())
+        *train_argv(["--distributed=on"], layout() == "process_per_node")], env=gpu_env())
 
 
 def sbatch_step() -> Step:
@@ -128,13 +135,10 @@ def sbatch_step() -> Step:
 def manual_step() -> Step:
     if not _COORDINATOR.value:
         raise app.UsageError("--scheduler=none needs --coordinator_address=host:port (node 0)")
-    argv = train_argv()
-    argv[argv.index("--distributed=on")] = f"--coordinator_address={_COORDINATOR.value}"
-    argv += [f"--num_processes={_NODES.value}", f"--process_id={_NODE_RANK.value}",
-             "--local_device_ids=" + ",".join(map(str, range(_GPUS.value)))]
-    argv = list(dict.fromkeys(argv))                    # --local_device_ids once
-    return Step(f"on node {_NODE_RANK.value} of {_NODES.value} (the same on every node, its own --node_rank)",
-                argv, env=gpu_env())
+    joins = [f"--coordinator_address={_COORDINATOR.value}", f"--num_processes={_NODES.value}",
+             f"--process_id={_NODE_RANK.value}"]
+    return Step(f"on node {_NODE_RANK.value} of {_NODES.value}: one process for its {_GPUS.value} GPUs (the same on "
+                f"every node, each with its --node_rank)", train_argv(joins, per_node=True), env=gpu_env())
 
 
 def check_mesh() -> list[str]:
@@ -148,7 +152,7 @@ def check_mesh() -> list[str]:
     gpus, per_node = _NODES.value * _GPUS.value, _GPUS.value
     sizes, _ = MeshConfig.from_config(_CONFIG.value.mesh).resolve(gpus)
     lines = [f"cluster: {_NODES.value} nodes x {per_node} GPUs = {gpus} GPUs, {_NODES.value * tasks_per_node()} "
-             f"processes ({_LAYOUT.value})", f"mesh {sizes}"]
+             f"processes ({layout()})", f"mesh {sizes}"]
     for axis in MESH_AXES:
         size = sizes[axis]
         stride = math.prod(sizes[a] for a in MESH_AXES[MESH_AXES.index(axis) + 1:])

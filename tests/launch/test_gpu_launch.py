@@ -61,6 +61,7 @@ def test_dry_run_one_process_per_node_passes_the_node_gpus():
 def test_dry_run_without_slurm_prints_each_nodes_command():
     out = submit("--scheduler=none", "--nodes=2", "--node_rank=1", "--coordinator_address=node0:5555",
                  "--workdir=/shared/t", "--dry_run").stdout
+    assert "cluster: 2 nodes x 8 GPUs = 16 GPUs, 2 processes (process_per_node)" in out
     cmd = out.splitlines()[-1]
     assert cmd.endswith("launch/train.py --workdir=/shared/t --coordinator_address=node0:5555 --num_processes=2 "
                         "--process_id=1 --local_device_ids=0,1,2,3,4,5,6,7")
