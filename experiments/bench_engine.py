@@ -8,6 +8,7 @@ compiled first (a warm-up run), then timed over the same requests. Temperature 1
 produce exactly max_tokens tokens per sample. Last line: JSON.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ def _time(fn) -> float:
 
 
 def main(_):
-    cfg = kimi_jax.tiny(hidden_size=_HIDDEN.value)
+    cfg = dataclasses.replace(kimi_jax.tiny(), hidden_size=_HIDDEN.value)
     model = kimi_jax.create_model(cfg, seed=0)
     t = _MAX_TOKENS.value
     ecfg = EngineConfig(max_slots=_SLOTS.value, page_size=16, num_pages=_SLOTS.value * 13 + 1,

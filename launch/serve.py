@@ -30,7 +30,8 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per cache page.")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 1024, "Pages in the cache pool.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Longest prompt + completion of one sample.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 128, "Prompt tokens per prefill step.")
-_DECODE_IMPL = flags.DEFINE_enum("decode_impl", "xla", ["xla", "pallas"], "Attention over the paged cache.")
+_DECODE_IMPL = flags.DEFINE_enum("decode_impl", "auto", ["auto", "xla", "pallas"],
+                                  "Attention over the paged cache (auto: the Pallas kernel on TPU/GPU).")
 _MAX_PENDING = flags.DEFINE_integer("max_pending", 256, "Bounded queue: requests waiting or running.")
 
 

@@ -41,6 +41,7 @@ from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.infer.decode import DecodeAttention
+from kimi_jax.model import kernels
 from kimi_jax.serve import forward
 from kimi_jax.serve.paged_cache import NULL_PAGE, BlockAllocator, init_pages
 
@@ -53,8 +54,10 @@ class RequestError(ValueError):
 class EngineConfig:
     """max_slots: samples decoded together (the largest batch bucket); page_size tokens per page; num_pages in the
     pool (page 0 is the null page); max_seq_len: longest prompt + generation of one sample; prefill_chunk: prompt
-    tokens per prefill step; prefill_batch: prompts prefilled together; decode_impl "xla" | "pallas" (the paged
-    Pallas kernel; backend and interpret from the model config)."""
+    tokens per prefill step; prefill_batch: prompts prefilled together; decode_steps: decode steps per compiled
+    call (one host round trip; new requests join between calls); decode_impl "auto" | "xla" | "pallas"
+    (the paged Pallas kernel; "auto" takes it on TPU, and on GPU for 16-bit compute with pages of a multiple of
+    64 tokens, XLA elsewhere; backend and interpret from the model config)."""
 
     max_slots: int = 8
     page_size: int = 16
@@ -62,14 +65,16 @@ class EngineConfig:
     max_seq_len: int = 1024
     prefill_chunk: int = 64
     prefill_batch: int = 1
-    decode_impl: str = "xla"
+    decode_steps: int = 4
+    decode_impl: str = "auto"
 
     def __post_init__(self):
-        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "prefill_chunk", "prefill_batch"):
+        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "prefill_chunk", "prefill_batch",
+                     "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.decode_impl not in ("xla", "pallas"):
-            raise ValueError(f"EngineConfig.decode_impl must be 'xla' or 'pallas', got {self.decode_impl!r}")
+        if self.decode_impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"EngineConfig.decode_impl must be 'auto', 'xla' or 'pallas', got {self.decode_impl!r}")
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -172,8 +177,11 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self.weight_version = weight_version
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self.attend = DecodeAttention(config.decode_impl, cfg.pallas_backend, cfg.pallas_interpret or None,
-                                      cfg.pallas_warp_specialized)
+        backend = kernels.pallas_backend(cfg, self.mesh, cfg.dtype)
+        impl = config.decode_impl
+        if impl == "auto":
+            impl = "pallas" if backend == "tpu" or (backend == "gpu" and config.page_size % 64 == 0) else "xla"
+        self.attend = DecodeAttention(impl, backend, cfg.pallas_interpret or None, cfg.pallas_warp_specialized)
         pool = init_pages(cfg, config.num_pages, config.page_size)
         if self.mesh is not None:
             pool = jax.device_put(pool, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
@@ -368,50 +376,55 @@ class Engine:
     def _decode_step(self) -> list[TokenEvent]:
         samples = list(self._decoding.values())
         rows = _bucket(len(samples), self.config.max_slots, self.batch_multiple)
-        p = self.config.page_size
-        width = _bucket(max(s.position // p + 1 for s in samples), self.config.max_pages_per_seq)
-        tokens, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        valid = np.zeros(rows, bool)
+        p, k = self.config.page_size, self.config.decode_steps
+        width = _bucket(max((s.position + k - 1) // p + 1 for s in samples), self.config.max_pages_per_seq)
+        tokens, positions, remaining = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
         temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
         top_k, seed, counter = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for row, s in enumerate(samples):
             r = self._groups[s.request_id].request
-            tokens[row], positions[row], valid[row] = s.next_token, s.position, True
+            made = len(self._results[s.request_id].samples[s.index].tokens)
+            tokens[row], positions[row], remaining[row] = s.next_token, s.position, r.max_tokens - made
             used = min(len(s.table), width)
             table[row, :used] = s.table[:used]
             temperature[row], top_k[row], top_p[row] = r.temperature, r.top_k, r.top_p
-            seed[row] = r.seed + s.index
-            counter[row] = len(self._results[s.request_id].samples[s.index].tokens)
+            seed[row], counter[row] = r.seed + s.index, made
         params = forward.RowSampling(temperature, top_k, top_p, seed, counter)
-        self.stats["decode_tokens"] += len(samples)
+        self.stats["decode_tokens"] += int(np.minimum(remaining, k).sum())
         self.shapes_seen.add(("decode", rows, width))
-        self.pool, out = forward.decode(self.graphdef, self.state, self.pool, tokens, positions, valid, table,
-                                        params, attend=self.attend)
+        self.pool, out = forward.decode(self.graphdef, self.state, self.pool, tokens, positions, remaining, table,
+                                        params, attend=self.attend, num_steps=k)
         out = jax.device_get(out)
         events = []
-        for row, s in enumerate(samples):
-            r = self._groups[s.request_id].request
-            result = self._results[s.request_id].samples[s.index]
-            token = int(out.tokens[row])
-            top = [(int(i), float(v)) for i, v in zip(out.top_ids[row], out.top_logprobs[row])]
-            result.tokens.append(token)
-            result.logprobs.append(float(out.logprob[row]))
-            result.top_logprobs.append(top)
-            if self.weight_version not in result.weight_versions:
-                result.weight_versions.append(self.weight_version)
-            s.position, s.next_token = s.position + 1, token
-            reason = None
-            if token in self.stop_token_ids or token in r.stop_token_ids:
-                reason = "stop"
-            elif len(result.tokens) >= r.max_tokens:
-                reason = "length"
-            if reason:
-                result.finish_reason = reason
-                self._finish(s)
-            events.append(TokenEvent(s.request_id, s.index, token, float(out.logprob[row]), top, reason,
-                                     self.weight_version))
+        for j in range(k):
+            for row, s in enumerate(samples):
+                if self._decoding.get(s.slot) is not s:
+                    continue                                  # finished at an earlier step of this call
+                events.append(self._emit(s, int(out.tokens[j, row]), float(out.logprob[j, row]),
+                                         [(int(i), float(v)) for i, v in zip(out.top_ids[j, row],
+                                                                             out.top_logprobs[j, row])]))
         return events
+
+    def _emit(self, s: _Sample, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
+        """Record one sampled token of a decoding sample; finish the sample on a stop token or at max_tokens."""
+        r = self._groups[s.request_id].request
+        result = self._results[s.request_id].samples[s.index]
+        result.tokens.append(token)
+        result.logprobs.append(logprob)
+        result.top_logprobs.append(top)
+        if self.weight_version not in result.weight_versions:
+            result.weight_versions.append(self.weight_version)
+        s.position, s.next_token = s.position + 1, token
+        reason = None
+        if token in self.stop_token_ids or token in r.stop_token_ids:
+            reason = "stop"
+        elif len(result.tokens) >= r.max_tokens:
+            reason = "length"
+        if reason:
+            result.finish_reason = reason
+            self._finish(s)
+        return TokenEvent(s.request_id, s.index, token, logprob, top, reason, self.weight_version)
 
     def _finish(self, s: _Sample) -> None:
         del self._decoding[s.slot]

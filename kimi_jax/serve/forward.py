@@ -149,20 +149,32 @@ class DecodeOut(NamedTuple):
     top_logprobs: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attend"), donate_argnames=("pool",))
-def decode(graphdef, state, pool: PagePool, tokens, positions, valid, table, params: RowSampling,
-           attend: DecodeAttention):
-    """Feed one token per row (tokens, positions int32 [b], valid bool [b], table [b, M]) and sample the next
-    one -> (pool, DecodeOut)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend", "num_steps"), donate_argnames=("pool",))
+def decode(graphdef, state, pool: PagePool, tokens, positions, remaining, table, params: RowSampling,
+           attend: DecodeAttention, num_steps: int):
+    """num_steps decode steps in one program: step j feeds each row's token at positions + j and samples the next
+    one (with counter + j); a row takes part in step j only while j < remaining[b] (tokens it may still make).
+
+    tokens, positions, remaining int32 [b]; table [b, M] covering positions + num_steps - 1 -> (pool, DecodeOut
+    with a leading [num_steps] axis). Tokens a row samples after its stop token are the host's to discard.
+    """
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
-    h, pool = paged_forward(model, pool, tokens[:, None], positions[:, None], valid[:, None], table, attend)
-    logits = model.logits(h[:, 0]).astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = sample_rows(logits, params)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
-    out = DecodeOut(chosen, jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0], top_ids.astype(jnp.int32),
-                    top_logprobs)
+
+    def one(carry, j):
+        pool, tokens = carry
+        valid = j < remaining
+        h, pool = paged_forward(model, pool, tokens[:, None], (positions + j)[:, None], valid[:, None], table,
+                                attend)
+        logits = model.logits(h[:, 0]).astype(jnp.float32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = sample_rows(logits, params._replace(counter=params.counter + j))
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
+        out = DecodeOut(chosen, jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0],
+                        top_ids.astype(jnp.int32), top_logprobs)
+        return (pool, chosen), out
+
+    (pool, _), out = jax.lax.scan(one, (pool, tokens), jnp.arange(num_steps))
     return pool, out
 
 

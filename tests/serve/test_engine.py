@@ -129,7 +129,7 @@ def test_weight_versions_swap_between_steps(model, reference):
     other = kimi_jax.create_model(CFG, seed=1)
     engine.load_weights(nnx.split(other)[1], version=4)
     events = engine.step()
-    assert [e.weight_version for e in events] == [4]
+    assert events and {e.weight_version for e in events} == {4}
     engine.run()
     assert engine.result(rid).samples[0].weight_versions == [3, 4]
     after = engine.add_request(Request(PROMPTS[0], max_tokens=N))
