@@ -10,6 +10,7 @@ import kimi_jax
 from kimi_jax import sharding
 from kimi_jax.infer import SamplingParams, filter_logits, generate
 from kimi_jax.serve import Engine, EngineConfig, Request, RequestError, trace_count
+from kimi_jax.serve import forward
 from kimi_jax.serve.forward import RowSampling, filter_rows
 
 # initializer_range 0.1 gives peaked logits (magnitude ~4): a wrong page, position or mask changes the argmax.
@@ -176,3 +177,19 @@ def test_paged_pallas_decode_equals_xla(model, reference):
     engine.run()
     for row, rid in enumerate(ids):
         assert engine.result(rid).samples[0].tokens == reference.tokens[row][:4].tolist()
+
+
+def test_decode_program_lowers_for_tpu_with_the_paged_kernel():
+    """The engine's decode program (bf16, paged Pallas kernel) passes Mosaic's TPU lowering rules."""
+    cfg = kimi_jax.tiny(dtype="bfloat16", param_dtype="bfloat16", pallas_backend="tpu")
+    engine = Engine(kimi_jax.create_model(cfg, seed=0), EngineConfig(max_slots=4, page_size=16, num_pages=32,
+                                                                       max_seq_len=128, decode_impl="pallas"))
+    b, width = 4, 8
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)              # noqa: E731
+    params = RowSampling(jax.ShapeDtypeStruct((b,), jnp.float32), i32(b), jax.ShapeDtypeStruct((b,), jnp.float32),
+                         i32(b), i32(b))
+    exported = jax.export.export(forward.decode, platforms=["tpu"])(
+        engine.graphdef, engine.state, engine.pool, i32(b), i32(b), i32(b), i32(b, width), params,
+        attend=engine.attend, num_steps=2)
+    text = exported.mlir_module()
+    assert "mla_decode_paged" in text and "tpu_custom_call" in text
