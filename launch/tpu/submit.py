@@ -212,7 +212,7 @@ def main(argv):
         if not _STOP.value:
             try:
                 print("\n".join(check_topology()))
-            except ValueError as e:          # names the config field that does not fit the topology
+            except (ValueError, RuntimeError) as e:   # a config field that does not fit; libtpu missing
                 sys.exit(f"error: {e}")
         print_steps(plan)
         return
