@@ -28,6 +28,7 @@ from weight_sync_trainer import (MAX_NEW_TOKENS, PROMPTS, build_trainer, engine_
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAINER = pathlib.Path(__file__).parent / "weight_sync_trainer.py"
 BUCKET_BYTES = 48 << 10     # the stacked experts ([2, 8, 32, 64] bf16, 64 KiB) go in pieces of one layer
+LARGE_BUCKET_BYTES = 160 << 10                 # 3 buckets: fewer programs to compile where pieces do not matter
 ENGINE_CFG = engine_config(loop.model_config(training_config().model))
 
 
@@ -119,10 +120,10 @@ def test_colocated_offload_sync_restore():
 class Trainer:
     """weight_sync_trainer.py in a subprocess with 4 CPU devices; its JSON lines one at a time."""
 
-    def __init__(self, *flags):
+    def __init__(self, *flags, bucket_bytes=BUCKET_BYTES):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, str(TRAINER), f"--bucket_bytes={BUCKET_BYTES}", *flags],
+        self.proc = subprocess.Popen([sys.executable, str(TRAINER), f"--bucket_bytes={bucket_bytes}", *flags],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log = []
 
@@ -167,11 +168,11 @@ def test_disaggregated_sync_after_training():
 
 
 def test_corrupted_bucket_is_rejected_and_the_old_version_kept():
-    trainer = Trainer("--versions=2", "--steps_per_version=0", "--corrupt=2:1")
+    trainer = Trainer("--versions=2", "--steps_per_version=0", "--corrupt=2:1", bucket_bytes=LARGE_BUCKET_BYTES)
     loaded = []
     engine = receiver(trainer, loaded)
     assert engine.receive() == 1
-    first_of_bucket_1 = buckets_of(plan_buckets(engine_layout(ENGINE_CFG)[2], BUCKET_BYTES))[1][0].name
+    first_of_bucket_1 = buckets_of(plan_buckets(engine_layout(ENGINE_CFG)[2], LARGE_BUCKET_BYTES))[1][0].name
     with pytest.raises(WeightSyncError, match=rf"version 2 not loaded \(still version 1\): checksum mismatch in "
                                               rf"bucket 1 of version 2: {first_of_bucket_1}$"):
         engine.receive()
@@ -185,7 +186,7 @@ def test_corrupted_bucket_is_rejected_and_the_old_version_kept():
 
 def test_killed_sync_keeps_the_old_version():
     """The trainer is SIGKILLed in the middle of version 2 (before offering bucket 1)."""
-    trainer = Trainer("--versions=2", "--steps_per_version=0", "--kill_at=2:1")
+    trainer = Trainer("--versions=2", "--steps_per_version=0", "--kill_at=2:1", bucket_bytes=LARGE_BUCKET_BYTES)
     loaded = []
     engine = receiver(trainer, loaded)
     assert engine.receive() == 1
