@@ -2,12 +2,17 @@
 server (`kimi_jax.serve.server`, `launch/serve.py`).
 
     Engine(model, EngineConfig(...), stop_token_ids=...) .add_request(Request) .step() .run() .load_weights()
+    ColocatedSync(engine_cfg, engine_mesh).to_engine(params) -> (state, version)   trainer and engine on one mesh
+    WeightSender(engine_cfg).push(params, version) / WeightReceiver(..., on_version=engine.load_weights).receive()
 """
 
 from kimi_jax.serve.engine import (Completion, Engine, EngineConfig, Request, RequestError, SampleOutput,
                                    TokenEvent)
 from kimi_jax.serve.forward import trace_count
 from kimi_jax.serve.paged_cache import BlockAllocator, OutOfPages, init_pages, pool_bytes
+from kimi_jax.serve.transfer import WeightReceiver, WeightSender
+from kimi_jax.serve.weight_sync import ColocatedSync, SyncStats, WeightSyncError
 
-__all__ = ["BlockAllocator", "Completion", "Engine", "EngineConfig", "OutOfPages", "Request", "RequestError",
-           "SampleOutput", "TokenEvent", "init_pages", "pool_bytes", "trace_count"]
+__all__ = ["BlockAllocator", "ColocatedSync", "Completion", "Engine", "EngineConfig", "OutOfPages", "Request",
+           "RequestError", "SampleOutput", "SyncStats", "TokenEvent", "WeightReceiver", "WeightSender",
+           "WeightSyncError", "init_pages", "pool_bytes", "trace_count"]

@@ -64,8 +64,8 @@ class EngineConfig:
     num_pages: int = 256
     max_seq_len: int = 1024
     prefill_chunk: int = 64
-    prefill_batch: int = 1
-    decode_steps: int = 4
+    prefill_batch: int = 4
+    decode_steps: int = 8
     decode_impl: str = "auto"
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from flax import nnx, traverse_util
 
 from kimi_jax import sharding
 from kimi_jax.infer.generate import generate
+from kimi_jax.serve import Engine, EngineConfig, Request
 from kimi_jax.serve.transfer import WeightReceiver, _pack_bytes
 from kimi_jax.serve.weight_sync import (ALIGN, ColocatedSync, WeightSyncError, bucket_nbytes, buckets_of, checksums,
                                         engine_layout, plan_buckets)
@@ -147,22 +148,31 @@ def receiver(trainer, loaded, timeout_s=120.0):
 
 
 def test_disaggregated_sync_after_training():
-    """Two versions, 2 training steps apart: each one's engine output equals the trainer's own, token for token."""
+    """Two versions, 2 training steps apart, each loaded into a running Engine (which serves the old version until
+    the new one is complete): its greedy output equals the trainer's own forward, token for token."""
     trainer = Trainer("--versions=2", "--steps_per_version=2", "--reference")
     loaded = []
-    engine = receiver(trainer, loaded)
-    logits = []
+    receiving = receiver(trainer, loaded)
+    serving, first_logprobs = None, []
     for version in (1, 2):
         expected = trainer.next("tokens")
-        assert engine.receive() == version and engine.version == version
+        assert receiving.receive() == version and receiving.version == version
         assert trainer.next("pushed")["pushed"] == version
-        assert loaded[-1][0] == version and engine.stats.buckets > 1
-        out = generate(nnx.merge(engine.graphdef, loaded[-1][1]), PROMPTS, max_new_tokens=MAX_NEW_TOKENS,
-                       return_logits=True)
-        np.testing.assert_array_equal(out.tokens, expected["tokens"])
-        np.testing.assert_allclose(out.logits[:, 0], expected["logits"], rtol=1e-5, atol=1e-5)
-        logits.append(out.logits[:, 0])
-    assert np.max(np.abs(logits[1] - logits[0])) > 1e-3                   # training moved the weights
+        assert loaded[-1][0] == version and receiving.stats.buckets > 1
+        if serving is None:
+            serving = Engine(nnx.merge(receiving.graphdef, loaded[-1][1]), EngineConfig(
+                max_slots=4, page_size=8, num_pages=16, max_seq_len=16, decode_steps=4), weight_version=version)
+        else:
+            serving.load_weights(loaded[-1][1], version)                   # swapped between two steps
+        ids = [serving.add_request(Request(p, max_tokens=MAX_NEW_TOKENS)) for p in PROMPTS]
+        serving.run()
+        for row, rid in enumerate(ids):
+            sample = serving.result(rid).samples[0]
+            assert sample.tokens == list(expected["tokens"][row]) and sample.weight_versions == [version]
+            want = jax.nn.log_softmax(jnp.asarray(expected["logits"][row], jnp.float32))[sample.tokens[0]]
+            np.testing.assert_allclose(sample.logprobs[0], float(want), atol=1e-4)
+        first_logprobs.append([serving.result(rid).samples[0].logprobs[0] for rid in ids])
+    assert np.max(np.abs(np.subtract(*first_logprobs))) > 1e-4               # training moved the weights
     code, log = trainer.finish()
     assert code == 0, log[-3000:]
 
