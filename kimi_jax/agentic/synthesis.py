@@ -1,0 +1,197 @@
+"""The synthesis pipeline: tasks -> episodes -> judge -> ArrayRecord shards of tokenised, masked conversations.
+
+    summary = synthesize(SynthesisConfig(output_dir="/tmp/agentic", num_tasks=1000, workers=8))
+
+Task i (deterministic id `{env}-{seed}-{i:06d}`, env = envs[i % len(envs)]) belongs to work unit
+i // shard_size. A unit runs its tasks, judges them and writes, in this order, each file atomically
+(tmp + rename):
+    shard-{unit:05d}.array_record   one record per kept trajectory: little-endian uint32 [ids..., loss_mask...]
+                                     (2n values: the ids of chat.encode(tokenizer, messages, tools), then its
+                                     loss mask, 1 on assistant tokens)
+    shard-{unit:05d}.json           the manifest: {"unit", "task_ids", "kept": [{"task_id", "tokens", "messages",
+                                     "tools"}] in record order, "rejected": [{"task_id", "reasons"}], "stats"}
+A unit is done iff its manifest exists; a run (or a rerun after a crash) does the units that are not done, in
+parallel worker processes, and rewrites their shards from scratch. Since a task is a pure function of (seed,
+index) and every unit is committed by one rename, each trajectory lands exactly once. summary.json holds the
+merged statistics of all manifests.
+
+Backends: "scripted" (ScriptedSolver as the agent, scripted user, tool simulator and judge) or the base URL of
+an OpenAI-compatible endpoint, which then plays every role (agent, user, simulator, judge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kimi_jax import chat
+from kimi_jax.agentic import env_accounts, env_calendar, env_files, env_simulated
+from kimi_jax.agentic.backends import OpenAIBackend, ScriptedBackend
+from kimi_jax.agentic.judge import RejectionStats, judge, scripted_judge
+from kimi_jax.agentic.rollout import run_episode
+from kimi_jax.agentic.solver import ScriptedSolver
+from kimi_jax.agentic.tasks import Task
+from kimi_jax.agentic.tools import TOOLS_DIR, deduplicate, load_tools
+from kimi_jax.agentic.user import SimulatedUser, scripted_user
+from kimi_jax.data.sources import write_token_shard
+from kimi_jax.data.tokenizers import load_tokenizer
+
+ENVIRONMENTS = {"accounts": env_accounts.AccountsEnv, "calendar": env_calendar.CalendarEnv,
+                "files": env_files.FilesEnv, "simulated": env_simulated.SimulatedToolEnv}
+_TASK_MAKERS = {"accounts": env_accounts.make_task, "calendar": env_calendar.make_task,
+                "files": env_files.make_task}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    output_dir: str
+    num_tasks: int
+    seed: int = 0
+    workers: int = 1
+    shard_size: int = 16
+    backend: str = "scripted"               # "scripted" or an OpenAI-compatible base URL
+    model: str = "kimi-jax"                 # the model name sent to the endpoint
+    tools_dir: str = str(TOOLS_DIR)
+    envs: tuple[str, ...] = ("accounts", "calendar", "files", "simulated")
+    error_rate: float = 0.25                # the scripted solver's mistakes per turn
+    max_turns: int = 12
+    tokenizer: str = "byte"
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    rate: float | None = None               # requests per second to the endpoint, per worker
+
+    def __post_init__(self):
+        unknown = [e for e in self.envs if e not in ENVIRONMENTS]
+        if unknown or not self.envs:
+            raise ValueError(f"envs must be among {sorted(ENVIRONMENTS)}, got {list(self.envs)}")
+        if self.num_tasks < 0 or self.workers < 1 or self.shard_size < 1:
+            raise ValueError(f"need num_tasks >= 0, workers >= 1, shard_size >= 1; got {self.num_tasks}, "
+                             f"{self.workers}, {self.shard_size}")
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_tasks // self.shard_size)
+
+
+def make_task(config: SynthesisConfig, index: int, tools: list[dict]) -> Task:
+    env = config.envs[index % len(config.envs)]
+    if env == "simulated":
+        return env_simulated.make_task(config.seed, index, tools)
+    return _TASK_MAKERS[env](config.seed, index)
+
+
+def shard_path(output_dir, unit: int) -> Path:
+    return Path(output_dir) / f"shard-{unit:05d}.array_record"
+
+
+def manifest_path(output_dir, unit: int) -> Path:
+    return Path(output_dir) / f"shard-{unit:05d}.json"
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _backends(config: SynthesisConfig):
+    """-> (agent_for(task), user, simulator, judge) for config.backend."""
+    if config.backend == "scripted":
+        return ((lambda task: ScriptedSolver(task, error_rate=config.error_rate, seed=config.seed)),
+                ScriptedBackend(scripted_user), ScriptedBackend(env_simulated.scripted_simulator),
+                ScriptedBackend(scripted_judge))
+    llm = OpenAIBackend(config.backend, config.model, timeout_s=config.timeout_s, max_retries=config.max_retries,
+                        rate=config.rate, seed=config.seed)
+    return (lambda task: llm), llm, llm, llm
+
+
+def run_unit(config: SynthesisConfig, unit: int) -> dict:
+    """Run, judge and write work unit `unit` (module docstring); returns its manifest."""
+    tools, _ = deduplicate(load_tools(config.tools_dir))
+    tokenizer = load_tokenizer(config.tokenizer)
+    agent_for, user, simulator, judge_llm = _backends(config)
+    stats, kept, rejected, records = RejectionStats(), [], [], []
+    indices = range(unit * config.shard_size, min(config.num_tasks, (unit + 1) * config.shard_size))
+    for index in indices:
+        task = make_task(config, index, tools)
+        kwargs = dict(seed=config.seed, max_turns=config.max_turns, user=SimulatedUser(user))
+        env = (env_simulated.SimulatedToolEnv(simulator, **kwargs) if task.env == "simulated"
+               else ENVIRONMENTS[task.env](**kwargs))
+        trajectory = run_episode(env, task, agent_for(task))
+        verdict = judge(task, trajectory, judge_llm, seed=config.seed + index)
+        stats.add(verdict)
+        if verdict.passed:
+            ids, mask = chat.encode(tokenizer, trajectory.messages, trajectory.tools)
+            records.append(ids + mask)
+            kept.append({"task_id": task.task_id, "tokens": len(ids), "messages": trajectory.messages,
+                         "tools": trajectory.tools})
+        else:
+            rejected.append({"task_id": task.task_id, "reasons": verdict.reasons})
+    write_token_shard(shard_path(config.output_dir, unit), records)
+    manifest = {"unit": unit, "task_ids": [make_task(config, i, tools).task_id for i in indices], "kept": kept,
+                "rejected": rejected, "stats": stats.to_json()}
+    _write_json(manifest_path(config.output_dir, unit), manifest)
+    return manifest
+
+
+def _run_unit_job(args) -> int:
+    config, unit = args
+    run_unit(config, unit)
+    return unit
+
+
+def pending_units(config: SynthesisConfig) -> list[int]:
+    return [u for u in range(config.num_units) if not manifest_path(config.output_dir, u).exists()]
+
+
+def synthesize(config: SynthesisConfig) -> dict:
+    """Run every unit not done yet (in config.workers spawned processes when > 1), then write and return the
+    summary: {"units", "units_run", "tasks", "tools", "tools_dropped", "kept", "rejected", "by_kind",
+    "kept_tokens"}."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    config_path = Path(config.output_dir) / "config.json"
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("workers",)}
+    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(settings)):
+        raise ValueError(f"{config.output_dir} holds a run with other settings ({config_path}); use a new directory")
+    _write_json(config_path, settings)
+    tools, dropped = deduplicate(load_tools(config.tools_dir))
+    todo = pending_units(config)
+    if config.workers > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(config.workers, len(todo))) as pool:
+            for _ in pool.imap_unordered(_run_unit_job, [(config, u) for u in todo]):
+                pass
+    else:
+        for unit in todo:
+            run_unit(config, unit)
+    stats, tokens = RejectionStats(), 0
+    for unit in range(config.num_units):
+        manifest = json.loads(manifest_path(config.output_dir, unit).read_text())
+        stats.merge(manifest["stats"])
+        tokens += sum(k["tokens"] for k in manifest["kept"])
+    summary = {"units": config.num_units, "units_run": len(todo), "tasks": config.num_tasks, "tools": len(tools),
+               "tools_dropped": [[t["function"]["name"], why] for t, why in dropped], **stats.to_json(),
+               "kept_tokens": tokens}
+    _write_json(Path(config.output_dir) / "summary.json", summary)
+    return summary
+
+
+def read_shard(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A shard's records -> [(ids int32 [n], loss_mask int32 [n])]."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(os.fspath(path))
+    try:
+        out = []
+        for record in reader.read_all():
+            values = np.frombuffer(record, "<u4").astype(np.int32)
+            if values.size % 2:
+                raise ValueError(f"{path}: a record of {values.size} values is not ids + mask of one length")
+            out.append((values[:values.size // 2], values[values.size // 2:]))
+        return out
+    finally:
+        reader.close()
