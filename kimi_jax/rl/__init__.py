@@ -9,14 +9,18 @@ Stable entry points:
     score(problems, responses, *, pool) -> [Reward(score, reason)];  excluded(rewards)
     apply_budget(mask, budget), budget_penalty(rewards, truncated, penalty), length_reward(lengths, correct)
     tasks.FAMILIES, tasks.generate(family, seed, count, *, difficulty, split)
+    make_rl_step(graphdef, cfg, tx, lr_schedule, *, loss, tau, ptx_weight, qk_clip_tau, ...) -> step(state, batch)
+    make_rl_loss(graphdef, cfg, *, loss, tau, clip_eps, ptx_weight) -> loss_fn(params, batch)
+    kimi_jax.rl.loop.train_rl(config, workdir, *, reward_fn) -> last metrics    the RL loop (launch/rl.py)
 """
 
 from kimi_jax.rl import tasks
 from kimi_jax.rl.loss import grpo_loss, kl_to_old, mean_entropy, policy_loss, sequence_logprobs, token_logprobs
 from kimi_jax.rl.rewards import RewardError, apply_budget, budget_penalty, excluded, length_reward, score
 from kimi_jax.rl.sandbox import STATUSES, Limits, SandboxPool, SandboxResult, run_python
+from kimi_jax.rl.step import make_rl_loss, make_rl_step
 from kimi_jax.rl.tasks import Problem, Reward
 
 __all__ = ["Limits", "Problem", "Reward", "RewardError", "STATUSES", "SandboxPool", "SandboxResult", "apply_budget",
-           "budget_penalty", "excluded", "grpo_loss", "kl_to_old", "length_reward", "mean_entropy", "policy_loss",
-           "run_python", "score", "sequence_logprobs", "tasks", "token_logprobs"]
+           "budget_penalty", "excluded", "grpo_loss", "kl_to_old", "length_reward", "make_rl_loss", "make_rl_step",
+           "mean_entropy", "policy_loss", "run_python", "score", "sequence_logprobs", "tasks", "token_logprobs"]

@@ -118,27 +118,8 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(max_logits))
 
-        def update(operands):
-            params, opt_state, grads, max_logits, counts = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            clipped = jnp.zeros(())
-            if qk_clip_tau is not None:
-                params, clip_stats = qk_clip(params, max_logits, qk_clip_tau, config=cfg, check_finite=False)
-                clipped = clip_stats["clipped_fraction"]
-            if n_moe:
-                gate = params["moe_layers"]["mlp"]["gate"]
-                gate["e_score_correction_bias"] = update_router_bias(gate["e_score_correction_bias"], counts,
-                                                                     router_bias_update_rate)
-            return params, opt_state, clipped
-
-        def skip(operands):
-            return operands[0], operands[1], jnp.zeros(())
-
-        # a cond, not a select between old and new trees: the update runs in place on the donated state, and the
-        # old and new parameters and optimizer state are never held at once
-        params, opt_state, clipped = jax.lax.cond(finite, update, skip,
-                                                  (state.params, state.opt_state, grads, max_logits, counts))
+        new_state, clipped = apply_update(tx, cfg, state, grads, max_logits, counts, finite, qk_clip_tau=qk_clip_tau,
+                                          router_bias_update_rate=router_bias_update_rate)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "max_attention_logit": jnp.max(max_logits)}
         if qk_clip_tau is not None:
@@ -147,13 +128,45 @@ def make_train_step(graphdef, cfg, tx: optax.GradientTransformation, lr_schedule
             load = counts.astype(jnp.float32)
             metrics["expert_load_imbalance"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
             metrics["dropped_token_fraction"] = dropped / microbatches
-        new_state = TrainState(
-            step=state.step + 1, params=params, opt_state=opt_state,
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-        )
         metrics.update(skipped=(~finite).astype(jnp.int32), nonfinite_streak=new_state.nonfinite_streak,
                        tokens=n)
         return new_state, metrics
 
     return step
+
+
+def apply_update(tx: optax.GradientTransformation, cfg, state: TrainState, grads, max_logits: jax.Array,
+                 counts: jax.Array, finite: jax.Array, *, qk_clip_tau: float | None,
+                 router_bias_update_rate: float) -> tuple[TrainState, jax.Array]:
+    """The update that ends a step (shared by the pre-training and RL steps) -> (new state, clipped head share).
+
+    When `finite`: optimizer update (gradient clipping inside), QK-Clip with the step's S_max = max_logits
+    [layers, heads] (qk_clip_tau not None: MuonClip), then the router bias update from counts
+    [moe layers, experts] (MoE models). Otherwise the parameters and optimizer state are kept (a skipped step).
+    The step counter and the non-finite counters advance either way."""
+    n_moe = max(cfg.num_moe_layers, 0)
+
+    def update(operands):
+        params, opt_state, grads, max_logits, counts = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        clipped = jnp.zeros(())
+        if qk_clip_tau is not None:
+            params, clip_stats = qk_clip(params, max_logits, qk_clip_tau, config=cfg, check_finite=False)
+            clipped = clip_stats["clipped_fraction"]
+        if n_moe:
+            gate = params["moe_layers"]["mlp"]["gate"]
+            gate["e_score_correction_bias"] = update_router_bias(gate["e_score_correction_bias"], counts,
+                                                                 router_bias_update_rate)
+        return params, opt_state, clipped
+
+    def skip(operands):
+        return operands[0], operands[1], jnp.zeros(())
+
+    # a cond, not a select between old and new trees: the update runs in place on the donated state, and the
+    # old and new parameters and optimizer state are never held at once
+    params, opt_state, clipped = jax.lax.cond(finite, update, skip,
+                                              (state.params, state.opt_state, grads, max_logits, counts))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+                      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32)), clipped
