@@ -15,7 +15,8 @@ Observations are lists of OpenAI-style messages:
   content is "Tool call error" + JSON {"errors": [{"kind", "message", "span"}]} (ChatParseError fields), so the
   model can fix its call; the episode goes on (never an exception);
 - no calls: the turn is a reply to the user. With a persona the simulated user may answer (a user message);
-  otherwise the episode ends with reward 1.0 if the goal's end state is reached, else 0.0.
+  otherwise the episode ends with reward 1.0 if the goal's end state is reached, else 0.0 (a task without a
+  goal, e.g. a read-only question, gets 1.0 for finishing: whether it succeeded is the judge's call).
 After max_turns assistant turns the episode ends (info["truncated"]).
 
 info: {"assistant": the message as it belongs in the dialogue (canonical call ids), "calls": [{"name",

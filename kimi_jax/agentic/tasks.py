@@ -13,6 +13,8 @@ import dataclasses
 import random
 from typing import Any, Sequence
 
+from kimi_jax.agentic.tools import openai_form
+
 ABSENT = "<absent>"   # goal value: the path must not exist in the end state
 
 
@@ -117,4 +119,4 @@ def make_agent(domain: str, tools: Sequence[dict], rng: random.Random) -> Agent:
     prompt = (f"You are the {domain} assistant of {company}. Be {tone}. You can call tools to act on the "
               f"user's behalf.\nRules:\n" + "\n".join(f"- {r}" for r in rules))
     return Agent(name=f"{company.lower()}-{domain.replace(' ', '-')}-{tone}", system_prompt=prompt,
-                 tools=tuple(tools))
+                 tools=tuple(openai_form(t) for t in tools))

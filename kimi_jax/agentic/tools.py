@@ -8,7 +8,8 @@ A tool file is a JSON object
 (the MCP `tools/list` shape; an OpenAI-style {"type": "function", "function": {"name", "description",
 "parameters"}} entry is accepted too). Tools are handed around in the OpenAI form the chat template and the
 server take: {"type": "function", "function": {"name", "description", "parameters"}}; `domain_of(tool)` and
-`category_of(tool)` read the "x-domain" / "x-category" keys the loader adds beside "function".
+`category_of(tool)` read the "x-domain" / "x-category" keys the loader adds beside "function" (`openai_form`
+drops them: what an agent's toolset holds).
 
 Validation (`validate_tool`): a name matching NAME_PATTERN (what a Kimi call id `functions.{name}:{idx}` can
 carry), a non-empty description, and parameters that are a valid JSON Schema under the Draft 2020-12
@@ -46,6 +47,11 @@ def domain_of(tool: Tool) -> str:
 
 def category_of(tool: Tool) -> str:
     return tool.get("x-category", "")
+
+
+def openai_form(tool: Tool) -> Tool:
+    """The tool as a model sees it: {"type", "function"} only (no x-domain / x-category metadata)."""
+    return {"type": "function", "function": tool["function"]}
 
 
 def to_openai(entry: dict, *, domain: str = "", category: str = "", where: str = "tool") -> Tool:
