@@ -31,7 +31,8 @@ _HIDDEN = flags.DEFINE_integer("hidden_size", 128, "Hidden size of the tiny-shap
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens generated per sample.")
 _SLOTS = flags.DEFINE_integer("max_slots", 32, "Engine slots (largest decode batch).")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Engine decode steps per compiled call.")
-_PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 8, "Engine prompts prefilled together.")
+_PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 16, "Engine prompts prefilled together.")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 128, "Engine prompt tokens per prefill step.")
 
 
 def _prompts(count: int, rng) -> list[list[int]]:
@@ -50,8 +51,8 @@ def main(_):
     model = kimi_jax.create_model(cfg, seed=0)
     t = _MAX_TOKENS.value
     ecfg = EngineConfig(max_slots=_SLOTS.value, page_size=16, num_pages=_SLOTS.value * (8 + t // 8) + 1,
-                        max_seq_len=128 + 2 * t, prefill_chunk=64, decode_steps=_DECODE_STEPS.value,
-                        prefill_batch=_PREFILL_BATCH.value)
+                        max_seq_len=128 + 2 * t, prefill_chunk=_PREFILL_CHUNK.value,
+                        decode_steps=_DECODE_STEPS.value, prefill_batch=_PREFILL_BATCH.value)
     engine = Engine(model, ecfg)
     rng = np.random.default_rng(0)
     rows = []
@@ -79,8 +80,9 @@ def main(_):
         engine.stats["prefill_tokens"] = 0
         print(f"{name:>18}: engine {tokens / engine_s:8.1f} tok/s, generate {tokens / static_s:8.1f} tok/s, "
               f"ratio {static_s / engine_s:.2f}", flush=True)
-    print(json.dumps({"bench": "engine", "hidden_size": _HIDDEN.value, "max_tokens": t, "decode_steps": _DECODE_STEPS.value,
-                      "prefill_batch": _PREFILL_BATCH.value, "backend": jax.default_backend(),
+    print(json.dumps({"bench": "engine", "hidden_size": _HIDDEN.value, "max_tokens": t,
+                      "decode_steps": _DECODE_STEPS.value, "prefill_batch": _PREFILL_BATCH.value,
+                      "prefill_chunk": _PREFILL_CHUNK.value, "backend": jax.default_backend(),
                       "rows": rows}))
 
 
