@@ -6,6 +6,8 @@
 
 --backend=scripted runs the scripted solver (wrong on purpose at --error_rate per turn) with scripted user, tool
 simulator and judge; a URL sends every role to that OpenAI-compatible endpoint (launch/serve.py, vLLM, SGLang).
+--evolve_categories=finance,health first evolves synthetic tools through the endpoint (kept in
+OUTPUT_DIR/evolved_tools); the LLM-simulated environment then also makes generic tasks over them.
 A rerun with the same flags resumes: finished shards are kept, the rest are redone, each trajectory lands once.
 Prints the summary (kept, rejected by reason, tokens) as JSON; it is also written to OUTPUT_DIR/summary.json.
 """
@@ -33,6 +35,10 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "'byte' or a tiktoken.mode
 _TIMEOUT = flags.DEFINE_float("timeout_s", 120.0, "Per-request timeout for the endpoint.")
 _RETRIES = flags.DEFINE_integer("max_retries", 3, "Retries per request (429, 5xx, timeouts), with backoff.")
 _RATE = flags.DEFINE_float("rate", None, "Requests per second per worker to the endpoint (token bucket).")
+_EVOLVE = flags.DEFINE_list("evolve_categories", [], "Evolve synthetic tools for these categories first "
+                            "(category -> domains -> tools, through the endpoint); they join the toolset.")
+_EVOLVE_DOMAINS = flags.DEFINE_integer("evolve_domains", 3, "Domains per evolved category.")
+_EVOLVE_TOOLS = flags.DEFINE_integer("evolve_tools", 4, "Tools per evolved domain.")
 
 
 def main(argv):
@@ -48,7 +54,8 @@ def main(argv):
                              model=_MODEL.value, tools_dir=_TOOLS_DIR.value or str(TOOLS_DIR),
                              envs=tuple(_ENVS.value), error_rate=_ERROR_RATE.value, max_turns=_MAX_TURNS.value,
                              tokenizer=_TOKENIZER.value, timeout_s=_TIMEOUT.value, max_retries=_RETRIES.value,
-                             rate=_RATE.value)
+                             rate=_RATE.value, evolve_categories=tuple(_EVOLVE.value),
+                             evolve_domains=_EVOLVE_DOMAINS.value, evolve_tools=_EVOLVE_TOOLS.value)
     print(json.dumps(synthesize(config)))
 
 

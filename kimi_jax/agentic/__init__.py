@@ -5,6 +5,7 @@ from kimi_jax.agentic.backends import Backend, BackendError, OpenAIBackend, Scri
 from kimi_jax.agentic.env_accounts import AccountsEnv
 from kimi_jax.agentic.env_calendar import CalendarEnv
 from kimi_jax.agentic.env_files import FilesEnv
+from kimi_jax.agentic import simulated_tasks
 from kimi_jax.agentic.env_simulated import SimulatedToolEnv, scripted_simulator
 from kimi_jax.agentic.environment import Environment, ToolError
 from kimi_jax.agentic.judge import RejectionStats, Verdict, judge, parse_verdict, rule_checks, scripted_judge
@@ -21,5 +22,5 @@ __all__ = [
     "SimulatedToolEnv", "SimulatedUser", "SynthesisConfig", "Task", "TokenBucket", "ToolError", "ToolSpecError",
     "Trajectory", "Verdict", "deduplicate", "goal_failures", "judge", "load_tool_file", "load_tools",
     "parse_verdict", "read_shard", "rule_checks", "run_episode", "scripted_judge", "scripted_simulator",
-    "scripted_user", "synthesize", "validate_tool",
+    "scripted_user", "simulated_tasks", "synthesize", "validate_tool",
 ]

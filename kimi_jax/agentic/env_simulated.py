@@ -12,6 +12,7 @@ is not such an object is sent back once with what is wrong; a second bad reply (
 {"error": ..., "retryable": true}. Before each call a seeded draw injects a failure with the given rates:
 "error" (a 503, nothing happens), "timeout" (nothing happens) or "partial" (the call runs, but list results are
 cut to their first half and marked "partial": true). `scripted_simulator` is a deterministic stand-in for the LLM.
+Its tasks are made by kimi_jax.agentic.simulated_tasks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Sequence
 
 from kimi_jax.agentic.backends import Backend, BackendError, text_of
 from kimi_jax.agentic.environment import Environment, ToolError
-from kimi_jax.agentic.tasks import Checkpoint, Rubric, Task, make_agent, task_id, task_rng
-from kimi_jax.agentic.tools import TOOLS_DIR, load_tools, tool_name, tools_by_domain
+from kimi_jax.agentic.tasks import Task
+from kimi_jax.agentic.tools import tool_name
 
 NAME = "simulated"
 SIMULATOR_PROMPT = ("You simulate a software tool. Given its specification, the current state summary and one "
@@ -143,49 +144,3 @@ def scripted_simulator(messages: Sequence[dict], tools=None) -> str:
     else:
         result = {"ok": True, "echo": a}
     return json.dumps({"result": result, "state": state})
-
-
-_CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo", "Denver", "Hanoi"]
-_AIRPORTS = ["JFK", "LHR", "CDG", "NRT", "SFO", "GRU", "DXB", "SIN"]
-
-
-def make_task(seed: int, index: int, tools: Sequence[dict] | None = None) -> Task:
-    """A weather, notes or flights task over `tools` (default: the shipped ones) for the simulated env."""
-    rng = task_rng(seed, index, NAME)
-    domains = tools_by_domain(load_tools(TOOLS_DIR) if tools is None else tools)
-    kinds = [k for k, d in (("weather", "weather"), ("note", "notes"), ("flights", "flights")) if d in domains]
-    if not kinds:
-        raise ValueError("the simulated environment needs tools of the weather, notes or flights domain")
-    kind = rng.choice(kinds)
-    tid = task_id(NAME, seed, index)
-    if kind == "weather":
-        city, days = rng.choice(_CITIES), rng.randint(2, 5)
-        agent = make_agent("weather", domains["weather"], rng)
-        return Task(tid, NAME, agent, f"What's the weather in {city} now, and the forecast for the next {days} days?",
-                    {}, {}, Rubric((f"reports current weather and a {days}-day forecast for {city}",),
-                                   ("get_current_weather", "get_forecast"),
-                                   (Checkpoint("get_forecast", {"city": city, "days": days}, "asked for the forecast"),),
-                                   (city,)),
-                    ({"name": "get_current_weather", "arguments": {"city": city}},
-                     {"name": "get_forecast", "arguments": {"city": city, "days": days}}),
-                    f"The weather in {city} now, then the next {days} days: {{results}}")
-    if kind == "note":
-        title = rng.choice(["Groceries", "Gift ideas", "Reading list", "Trip plan"])
-        body = rng.choice(["eggs, rice, lemons", "a scarf for Mia", "Dune; Middlemarch", "pack the charger"])
-        agent = make_agent("notes", domains["notes"], rng)
-        return Task(tid, NAME, agent, f"Save a note called \"{title}\" that says \"{body}\", tagged personal.",
-                    {"notes": []}, {"notes/0/title": title, "notes/0/body": body},
-                    Rubric((f"one note \"{title}\" holds \"{body}\" with tag personal",), ("create_note",),
-                           (Checkpoint("create_note", {"title": title, "body": body}, "saved the note"),), (title,)),
-                    ({"name": "create_note", "arguments": {"title": title, "body": body, "tags": ["personal"]}},),
-                    f"Saved the note \"{title}\".")
-    origin, destination = rng.sample(_AIRPORTS, 2)
-    date = f"2026-04-{rng.randint(1, 28):02d}"
-    agent = make_agent("flights", domains["flights"], rng)
-    return Task(tid, NAME, agent, f"Which flights go from {origin} to {destination} on {date}?", {}, {},
-                Rubric((f"lists the flights {origin}-{destination} on {date} with prices",), ("search_flights",),
-                       (Checkpoint("search_flights", {"origin": origin, "destination": destination, "date": date},
-                                   "searched the right route and day"),), (origin, destination)),
-                ({"name": "search_flights", "arguments": {"origin": origin, "destination": destination,
-                                                          "date": date}},),
-                f"The flights from {origin} to {destination} on {date}: {{results}}")

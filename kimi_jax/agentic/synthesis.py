@@ -16,7 +16,9 @@ index) and every unit is committed by one rename, each trajectory lands exactly 
 merged statistics of all manifests.
 
 Backends: "scripted" (ScriptedSolver as the agent, scripted user, tool simulator and judge) or the base URL of
-an OpenAI-compatible endpoint, which then plays every role (agent, user, simulator, judge).
+an OpenAI-compatible endpoint, which then plays every role (agent, user, simulator, judge, tool evolution).
+With evolve_categories, synthetic tools are evolved first (once per run, kept under evolved_tools/) and join the
+toolset; the simulated environment makes generic tasks over them.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from kimi_jax import chat
-from kimi_jax.agentic import env_accounts, env_calendar, env_files, env_simulated
-from kimi_jax.agentic.backends import OpenAIBackend, ScriptedBackend
+from kimi_jax.agentic import env_accounts, env_calendar, env_files, env_simulated, simulated_tasks
+from kimi_jax.agentic.backends import Backend, OpenAIBackend, ScriptedBackend
+from kimi_jax.agentic.evolve import evolve_tools, write_tool_file
 from kimi_jax.agentic.judge import RejectionStats, judge, scripted_judge
 from kimi_jax.agentic.rollout import run_episode
 from kimi_jax.agentic.solver import ScriptedSolver
@@ -64,6 +67,9 @@ class SynthesisConfig:
     timeout_s: float = 120.0
     max_retries: int = 3
     rate: float | None = None               # requests per second to the endpoint, per worker
+    evolve_categories: tuple[str, ...] = ()  # evolve synthetic tools for these categories first (needs an LLM)
+    evolve_domains: int = 3                 # domains per category
+    evolve_tools: int = 4                   # tools per domain
 
     def __post_init__(self):
         unknown = [e for e in self.envs if e not in ENVIRONMENTS]
@@ -81,8 +87,39 @@ class SynthesisConfig:
 def make_task(config: SynthesisConfig, index: int, tools: list[dict]) -> Task:
     env = config.envs[index % len(config.envs)]
     if env == "simulated":
-        return env_simulated.make_task(config.seed, index, tools)
+        return simulated_tasks.make_task(config.seed, index, tools)
     return _TASK_MAKERS[env](config.seed, index)
+
+
+def evolved_dir(output_dir) -> Path:
+    return Path(output_dir) / "evolved_tools"
+
+
+def run_tools(config: SynthesisConfig) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """The run's toolset: config.tools_dir plus the evolved tools (if any), deduplicated -> (kept, dropped)."""
+    dirs = [config.tools_dir] + ([evolved_dir(config.output_dir)] if config.evolve_categories else [])
+    return deduplicate(load_tools(dirs))
+
+
+def evolve(config: SynthesisConfig, backend: Backend) -> dict:
+    """Evolve tools for config.evolve_categories once per run (evolution.json marks it done; a resumed run
+    reuses the files): one tool file per domain under OUTPUT_DIR/evolved_tools, rejections in evolution.json."""
+    marker = Path(config.output_dir) / "evolution.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    out = evolved_dir(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = deduplicate(load_tools(config.tools_dir))[0]
+    result = evolve_tools(backend, config.evolve_categories, domains_per_category=config.evolve_domains,
+                          tools_per_domain=config.evolve_tools, existing=existing, seed=config.seed)
+    for k, (category, domain) in enumerate(result.domains):
+        tools = [t for t in result.tools if t["x-category"] == category and t["x-domain"] == domain]
+        if tools:
+            write_tool_file(out / f"{k:03d}.json", category, domain, tools)
+    report = {"domains": [list(d) for d in result.domains], "tools": len(result.tools),
+              "rejected": [{"where": where, "reason": why} for where, _, why in result.rejected]}
+    _write_json(marker, report)
+    return report
 
 
 def shard_path(output_dir, unit: int) -> Path:
@@ -112,13 +149,14 @@ def _backends(config: SynthesisConfig):
 
 def run_unit(config: SynthesisConfig, unit: int) -> dict:
     """Run, judge and write work unit `unit` (module docstring); returns its manifest."""
-    tools, _ = deduplicate(load_tools(config.tools_dir))
+    tools, _ = run_tools(config)
     tokenizer = load_tokenizer(config.tokenizer)
     agent_for, user, simulator, judge_llm = _backends(config)
-    stats, kept, rejected, records = RejectionStats(), [], [], []
+    stats, kept, rejected, records, ids_of_unit = RejectionStats(), [], [], [], []
     indices = range(unit * config.shard_size, min(config.num_tasks, (unit + 1) * config.shard_size))
     for index in indices:
         task = make_task(config, index, tools)
+        ids_of_unit.append(task.task_id)
         kwargs = dict(seed=config.seed, max_turns=config.max_turns, user=SimulatedUser(user))
         env = (env_simulated.SimulatedToolEnv(simulator, **kwargs) if task.env == "simulated"
                else ENVIRONMENTS[task.env](**kwargs))
@@ -133,7 +171,7 @@ def run_unit(config: SynthesisConfig, unit: int) -> dict:
         else:
             rejected.append({"task_id": task.task_id, "reasons": verdict.reasons})
     write_token_shard(shard_path(config.output_dir, unit), records)
-    manifest = {"unit": unit, "task_ids": [make_task(config, i, tools).task_id for i in indices], "kept": kept,
+    manifest = {"unit": unit, "task_ids": ids_of_unit, "kept": kept,
                 "rejected": rejected, "stats": stats.to_json()}
     _write_json(manifest_path(config.output_dir, unit), manifest)
     return manifest
@@ -149,17 +187,23 @@ def pending_units(config: SynthesisConfig) -> list[int]:
     return [u for u in range(config.num_units) if not manifest_path(config.output_dir, u).exists()]
 
 
-def synthesize(config: SynthesisConfig) -> dict:
-    """Run every unit not done yet (in config.workers spawned processes when > 1), then write and return the
-    summary: {"units", "units_run", "tasks", "tools", "tools_dropped", "kept", "rejected", "by_kind",
+def synthesize(config: SynthesisConfig, evolver: Backend | None = None) -> dict:
+    """Evolve tools first if config.evolve_categories (through `evolver`, by default the endpoint), run every
+    unit not done yet (in config.workers spawned processes when > 1), then write and return the summary:
+    {"units", "units_run", "tasks", "tools", "tools_dropped", "evolution", "kept", "rejected", "by_kind",
     "kept_tokens"}."""
     os.makedirs(config.output_dir, exist_ok=True)
     config_path = Path(config.output_dir) / "config.json"
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("workers",)}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}
     if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(settings)):
         raise ValueError(f"{config.output_dir} holds a run with other settings ({config_path}); use a new directory")
     _write_json(config_path, settings)
-    tools, dropped = deduplicate(load_tools(config.tools_dir))
+    evolution = None
+    if config.evolve_categories:
+        if evolver is None and config.backend == "scripted":
+            raise ValueError("tool evolution needs an LLM: an endpoint URL as backend, or an evolver backend")
+        evolution = evolve(config, evolver or _backends(config)[3])
+    tools, dropped = run_tools(config)
     todo = pending_units(config)
     if config.workers > 1 and len(todo) > 1:
         with multiprocessing.get_context("spawn").Pool(min(config.workers, len(todo))) as pool:
@@ -174,7 +218,8 @@ def synthesize(config: SynthesisConfig) -> dict:
         stats.merge(manifest["stats"])
         tokens += sum(k["tokens"] for k in manifest["kept"])
     summary = {"units": config.num_units, "units_run": len(todo), "tasks": config.num_tasks, "tools": len(tools),
-               "tools_dropped": [[t["function"]["name"], why] for t, why in dropped], **stats.to_json(),
+               "tools_dropped": [[t["function"]["name"], why] for t, why in dropped], "evolution": evolution,
+               **stats.to_json(),
                "kept_tokens": tokens}
     _write_json(Path(config.output_dir) / "summary.json", summary)
     return summary

@@ -32,7 +32,8 @@ def user_prompt(task: Task, dialogue: Sequence[dict]) -> list[dict]:
               f"{json.dumps(persona.facts, sort_keys=True)}\n"
               f"Reply with your next message only, or exactly {DONE_MARKER} when your request is handled or "
               f"nothing is left to say.")
-    turns = [f"{m['role'].upper()}: {m.get('content') or ''}" for m in dialogue[:-1] if m["role"] in ("user", "assistant")]
+    turns = [f"{m['role'].upper()}: {m.get('content') or ''}" for m in dialogue[:-1]
+             if m["role"] in ("user", "assistant")]
     last = text_of(dialogue[-1]) if dialogue and dialogue[-1]["role"] == "assistant" else ""
     return [{"role": "system", "content": system},
             {"role": "user", "content": "DIALOGUE SO FAR:\n" + "\n".join(turns) + "\n\n" + LAST_MARKER + last}]

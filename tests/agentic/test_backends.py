@@ -15,7 +15,7 @@ import uvicorn
 import kimi_jax
 from kimi_jax import chat
 from kimi_jax.agentic import (BackendError, OpenAIBackend, ScriptedBackend, SimulatedToolEnv, TokenBucket,
-                              env_simulated, judge, run_episode, scripted_simulator)
+                              judge, run_episode, scripted_simulator, simulated_tasks)
 from kimi_jax.data import ByteTokenizer
 from kimi_jax.serve import Engine, EngineConfig
 from kimi_jax.serve.async_engine import AsyncEngine
@@ -91,7 +91,7 @@ def test_an_agent_episode_through_the_server_never_crashes_the_environment(serve
     url, async_engine = server
     agent = OpenAIBackend(url, "tiny", timeout_s=300, max_retries=30, backoff_s=0.1, temperature=1.0,
                           max_tokens=24, seed=3)
-    task = env_simulated.make_task(0, 1)
+    task = simulated_tasks.make_task(0, 1)
     env = SimulatedToolEnv(ScriptedBackend(scripted_simulator), max_turns=2)
     trajectory = run_episode(env, task, agent)
     assert trajectory.backend_error is None and trajectory.done

@@ -9,7 +9,7 @@ from kimi_jax.agentic import AccountsEnv, CalendarEnv, FilesEnv, goal_failures
 from kimi_jax.agentic import env_accounts, env_calendar, env_files
 from kimi_jax.agentic.tasks import ABSENT, lookup
 
-from helpers import find_task, solve, user
+from agentic_helpers import find_task, solve, user
 
 MAKERS = {AccountsEnv: env_accounts.make_task, CalendarEnv: env_calendar.make_task, FilesEnv: env_files.make_task}
 

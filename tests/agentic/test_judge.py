@@ -8,7 +8,7 @@ import pytest
 from kimi_jax.agentic import (RejectionStats, ScriptedBackend, Trajectory, env_files, judge, parse_verdict,
                               scripted_judge)
 
-from helpers import find_task
+from agentic_helpers import find_task
 
 TASK = find_task(env_files.make_task, lambda t: t.solution[-1]["arguments"].get("path") == "/config/port.txt")
 PORT = TASK.solution[-1]["arguments"]["content"]

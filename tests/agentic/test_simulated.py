@@ -3,10 +3,10 @@ injection (errors, timeouts, partial results), bad simulator replies retried onc
 
 import json
 
-from kimi_jax.agentic import ScriptedBackend, SimulatedToolEnv, env_simulated, scripted_simulator
+from kimi_jax.agentic import ScriptedBackend, SimulatedToolEnv, scripted_simulator, simulated_tasks
 from kimi_jax.agentic.env_simulated import parse_simulator_reply
 
-from helpers import find_task, solve
+from agentic_helpers import find_task, solve
 
 NO_FAILURES = {"error": 0.0, "timeout": 0.0, "partial": 0.0}
 
@@ -19,7 +19,7 @@ def _call(env, name, **arguments):
 
 
 def _notes_task():
-    return find_task(env_simulated.make_task, lambda t: t.solution[0]["name"] == "create_note")
+    return find_task(simulated_tasks.make_task, lambda t: t.solution[0]["name"] == "create_note")
 
 
 def test_state_is_kept_across_calls():
@@ -36,7 +36,7 @@ def test_state_is_kept_across_calls():
 
 
 def test_failures_are_injected_deterministically_under_a_seed():
-    task = find_task(env_simulated.make_task, lambda t: t.solution[0]["name"] == "get_current_weather")
+    task = find_task(simulated_tasks.make_task, lambda t: t.solution[0]["name"] == "get_current_weather")
     failures = {"error": 0.2, "timeout": 0.2, "partial": 0.3}
 
     def run(seed):
@@ -62,7 +62,8 @@ def test_bad_simulator_replies_are_retried_then_become_a_tool_error():
     env = SimulatedToolEnv(backend, failures=NO_FAILURES)
     env.reset(_notes_task())
     assert _call(env, "search_notes", query="x") == 1
-    assert backend.calls[1][0][-1]["content"] == "Invalid reply: the reply holds no JSON object. Answer with the JSON object."
+    assert backend.calls[1][0][-1]["content"] == ("Invalid reply: the reply holds no JSON object. "
+                                                  "Answer with the JSON object.")
     assert _call(env, "search_notes", query="x") == {
         "error": "the tool simulator gave no valid reply (the JSON object needs \"result\" and \"state\" (an object))"}
     assert parse_simulator_reply('x {"result": [], "state": {"a": 1}} y') == ({"result": [], "state": {"a": 1}}, "")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kimi_jax import chat
-from kimi_jax.agentic import SynthesisConfig, read_shard, synthesize
+from kimi_jax.agentic import ScriptedBackend, SynthesisConfig, read_shard, synthesize
 from kimi_jax.agentic.synthesis import manifest_path, run_unit, shard_path
 from kimi_jax.chat.template import IM_END
 from kimi_jax.data import ByteTokenizer
@@ -103,3 +103,36 @@ def test_a_killed_parallel_run_resumes_with_each_trajectory_exactly_once(tmp_pat
     for unit in range(n // shard):
         assert manifest_path(out, unit).read_text() == manifest_path(whole, unit).read_text()
         assert shard_path(out, unit).read_bytes() == shard_path(whole, unit).read_bytes()
+
+
+def _evolver(messages, tools):
+    if "application domains" in messages[-1]["content"]:
+        return json.dumps([{"domain": "budgeting", "description": "personal budgets"}])
+    return json.dumps([
+        {"name": "add_expense", "description": "Record an expense in a budget category.",
+         "inputSchema": {"type": "object", "properties": {"amount": {"type": "number", "exclusiveMinimum": 0},
+                                                          "category": {"type": "string", "enum": ["food", "rent"]}},
+                         "required": ["amount", "category"], "additionalProperties": False}},
+        {"name": "get_forecast", "description": "Clashes with the weather tool.",
+         "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}}}])
+
+
+def test_evolved_tools_join_the_run_through_generic_tasks(tmp_path):
+    config = SynthesisConfig(output_dir=str(tmp_path), num_tasks=16, shard_size=8, envs=("simulated",),
+                             error_rate=0.0, evolve_categories=("finance",))
+    evolver = ScriptedBackend(_evolver)
+    summary = synthesize(config, evolver)
+    assert summary["evolution"]["domains"] == [["finance", "budgeting"]] and summary["evolution"]["tools"] == 1
+    assert summary["evolution"]["rejected"][0]["reason"].startswith("name conflict: 'get_forecast'")
+    assert summary["tools"] == 23 and summary["kept"] == 16 and summary["rejected"] == 0
+    _, _, manifests = _outputs(tmp_path, 2)
+    generic = [k for m in manifests for k in m["kept"] if k["messages"][1]["content"].startswith("I need this")]
+    assert generic, "no generic task over the evolved tool"
+    call = generic[0]["messages"][2]["tool_calls"][0]["function"]
+    assert call["name"] == "add_expense" and json.loads(call["arguments"])["category"] in ("food", "rent")
+    assert [t["function"]["name"] for t in generic[0]["tools"]] == ["add_expense"]
+    calls = len(evolver.calls)
+    synthesize(config, evolver)                                  # resumed: the evolution is not redone
+    assert len(evolver.calls) == calls
+    with pytest.raises(ValueError, match="tool evolution needs an LLM"):
+        synthesize(SynthesisConfig(output_dir=str(tmp_path / "x"), num_tasks=1, evolve_categories=("a",)))

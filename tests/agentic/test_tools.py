@@ -7,7 +7,7 @@ import pytest
 
 from kimi_jax.agentic import ScriptedBackend, ToolSpecError, deduplicate, load_tool_file, load_tools
 from kimi_jax.agentic.evolve import evolve_tools, parse_json_array, write_tool_file
-from kimi_jax.agentic.tools import TOOLS_DIR, domain_of, tool_key, tool_name
+from kimi_jax.agentic.tools import domain_of, tool_key, tool_name
 
 GOOD = {"name": "get_rate", "description": "Exchange rate between two currencies.",
         "inputSchema": {"type": "object", "properties": {"base": {"type": "string"}, "quote": {"type": "string"}},
@@ -112,3 +112,22 @@ def test_evolution_rejects_unparseable_replies():
     result = evolve_tools(ScriptedBackend(lambda m, t: "I cannot help with that."), ["travel"])
     assert result.tools == [] and result.rejected == [("category 'travel'", None, "the reply holds no JSON array")]
     assert parse_json_array("[1, 2,]")[1].startswith("the reply's JSON does not parse")
+
+
+def test_example_arguments_are_valid_for_their_schema():
+    import random
+
+    import jsonschema
+
+    from kimi_jax.agentic.examples import example_arguments
+    rng = random.Random(0)
+    drawn = {tool_name(t): example_arguments(t["function"]["parameters"], rng) for t in load_tools()}
+    for tool in load_tools():
+        if drawn[tool_name(tool)] is not None:
+            jsonschema.validate(drawn[tool_name(tool)], tool["function"]["parameters"])
+    assert drawn["get_forecast"]["days"] in range(1, 8) and set(drawn["get_forecast"]) >= {"city", "days"}
+    assert drawn["get_order"]["order_id"] >= 1
+    assert drawn["list_events"] is None                          # a date pattern cannot be drawn
+    assert example_arguments({"type": "object", "properties": {"n": {"type": "integer", "maximum": -5,
+                                                                       "minimum": -9}}, "required": ["n"]},
+                             rng)["n"] in range(-9, -4)
