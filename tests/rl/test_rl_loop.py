@@ -1,0 +1,122 @@
+"""The RL loop (kimi_jax/rl/loop.py) on the tiny preset: the metrics it logs, an exact resume after SIGTERM, and a
+trivially learnable reward that RL with K2's loss learns."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from experiments.configs import rl_tiny
+from experiments.configs.base import override
+from kimi_jax.rl.loop import check_config, train_rl
+from kimi_jax.rl.rewards import score
+from kimi_jax.rl.tasks import Reward, arithmetic, generate, in_held_out
+
+TIMING = {"time", "sync_s", "rollout_tokens_per_s", "train_tokens_per_s"}
+SMALL = {"model.num_hidden_layers": 2, "prompts.per_step": 4, "rollout.samples_per_prompt": 4,
+         "rollout.max_slots": 16, "rollout.budgets": {"arithmetic": 8}, "rollout.seq_len": 48, "ptx.seq_len": 48,
+         "ptx.weight": 0.1, "eval.every": 2, "eval.num_prompts": 4, "eval.samples": 4, "eval.k": 2}
+
+
+def small_config(**overrides):
+    return override(rl_tiny.get_config(), {**SMALL, "steps": 3, **overrides})
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(lines):
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("rl") / "run")
+    return workdir, train_rl(small_config(), workdir)
+
+
+def test_logs_every_metric(uninterrupted):
+    workdir, summary = uninterrupted
+    lines = read_metrics(workdir)
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    heldout = {"heldout_pass@1", "heldout_pass@2", "heldout_response_length"}
+    assert set(lines[0]) == heldout | {"step", "time"}
+    per_step = {"reward", "shaped_reward", "response_length", "truncated_share", "excluded", "kl_to_old",
+                "kl_after_update", "entropy", "grad_norm", "loss", "policy_loss", "ptx_loss", "lr",
+                "max_attention_logit", "clipped_head_share", "skipped", "temperature", "weight_version",
+                "rollout_tokens_per_s", "train_tokens_per_s", "sync_s", "step", "time"}
+    assert set(lines[1]) == per_step and set(lines[2]) == set(lines[3]) == per_step | heldout
+    assert [line["weight_version"] for line in lines[1:]] == [0, 1, 2]
+    assert [line["temperature"] for line in lines[1:]] == pytest.approx([1.0, 0.998, 0.996])
+    for line in lines[1:]:
+        assert 1 <= line["response_length"] <= 8 and 0 <= line["truncated_share"] <= 1
+        assert line["kl_to_old"] < 1e-6          # the engine's logprobs are the trainer's (fp32 engine, 1 update)
+        assert line["kl_after_update"] > 0 and line["grad_norm"] > 0 and line["ptx_loss"] > 0
+        assert line["rollout_tokens_per_s"] > 0 and line["train_tokens_per_s"] > 0
+        # shaped reward = score - 0.5 * truncated (no length reward)
+        assert line["shaped_reward"] == pytest.approx(line["reward"] - 0.5 * line["truncated_share"], abs=1e-6)
+    assert summary["step"] == 3 and summary["heldout_pass@1"] == lines[3]["heldout_pass@1"]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+
+
+def test_resumes_exactly_after_sigterm(uninterrupted, tmp_path):
+    """SIGTERM during iteration 2's rollout: the run saves after iteration 2 and stops; rerun, it resumes and
+    logs iteration 3 exactly as the uninterrupted run did (sampler state, engine weight version, train state)."""
+    calls = []
+
+    def reward_sending_sigterm(problems, responses):
+        if not in_held_out(problems[0].key):      # a training rollout, not an eval
+            calls.append(len(calls) + 1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return score(problems, responses)
+
+    workdir = str(tmp_path / "run")
+    stopped = train_rl(small_config(), workdir, reward_fn=reward_sending_sigterm)
+    assert stopped["step"] == 2 and [line["step"] for line in read_metrics(workdir)] == [0, 1, 2]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    resumed = train_rl(small_config(), workdir)
+    assert resumed["step"] == 3
+    expected = without_timing(read_metrics(uninterrupted[0]))
+    assert without_timing(read_metrics(workdir)) == expected
+
+
+def first_letter_reward(problems, responses):
+    """1 when the response starts with a lowercase ASCII letter (about 1 in 10 tokens at random init)."""
+    return [Reward(float(bool(r) and "a" <= r[0] <= "z"), "") for r in responses]
+
+
+@pytest.mark.slow
+def test_k2_loss_learns_a_trivial_reward(tmp_path):
+    config = override(rl_tiny.get_config(), {
+        "steps": 12, "model.num_hidden_layers": 2, "prompts.per_step": 8, "rollout.samples_per_prompt": 8,
+        "rollout.budgets": {"arithmetic": 2}, "rollout.seq_len": 40, "rollout.budget_penalty": 0.0,
+        "rollout.temperature_decay_steps": 0, "optimizer.learning_rate": 1e-2, "eval.every": 0,
+        "checkpoint_every": 100})
+    train_rl(config, str(tmp_path / "run"), reward_fn=first_letter_reward)
+    rewards = [line["reward"] for line in read_metrics(str(tmp_path / "run"))]
+    assert len(rewards) == 12
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"rl.updates_per_rollout": 0}, "config.rl.updates_per_rollout"),
+    ({"rl.tau": 0.0}, "config.rl.tau"),
+    ({"prompts.family": "chess"}, "config.prompts.family"),
+    ({"eval.k": 5}, "config.eval.k"),
+    ({"ptx.weight": -1.0}, "config.ptx.weight"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        check_config(small_config(**overrides))
+
+
+def test_pool_larger_than_the_task_names_the_field(tmp_path):
+    assert len(generate(arithmetic, 0, 150, difficulty=1)) == 150
+    with pytest.raises(ValueError, match=r"config\.prompts\.pool_size"):
+        train_rl(small_config(**{"prompts.pool_size": 1000}), str(tmp_path / "run"))
