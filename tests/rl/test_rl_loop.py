@@ -5,14 +5,21 @@ import json
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
 from experiments.configs import rl_tiny
 from experiments.configs.base import override
+from kimi_jax import chat, create_model
+from kimi_jax.data import load_tokenizer
+from kimi_jax.rl import rollout
 from kimi_jax.rl.loop import check_config, train_rl
 from kimi_jax.rl.rewards import score
+from kimi_jax.rl.sampler import PromptSampler, pass_at_k, temperature
 from kimi_jax.rl.tasks import Reward, arithmetic, generate, in_held_out
+from kimi_jax.serve import Engine, EngineConfig
+from kimi_jax.train import loop
 
 TIMING = {"time", "sync_s", "rollout_tokens_per_s", "train_tokens_per_s"}
 SMALL = {"model.num_hidden_layers": 2, "prompts.per_step": 4, "rollout.samples_per_prompt": 4,
@@ -120,3 +127,77 @@ def test_pool_larger_than_the_task_names_the_field(tmp_path):
     assert len(generate(arithmetic, 0, 150, difficulty=1)) == 150
     with pytest.raises(ValueError, match=r"config\.prompts\.pool_size"):
         train_rl(small_config(**{"prompts.pool_size": 1000}), str(tmp_path / "run"))
+
+
+def test_engine_logprobs_equal_the_trainers_recompute_on_the_batch():
+    """A real rollout through the engine (fp32, one device), laid out by batch_arrays: old_logp equals the
+    trainer's log pi(targets) on every masked position (1e-5), the mask covers exactly the response tokens
+    (their last one the stop token when the sample stopped), and targets are input_ids shifted by one."""
+    cfg = loop.model_config(small_config().model)
+    model = create_model(cfg, seed=0)
+    tokenizer = load_tokenizer("byte")
+    engine = Engine(model, EngineConfig(max_slots=8, page_size=8, num_pages=64, max_seq_len=48),
+                    stop_token_ids=chat.stop_token_ids(tokenizer))
+    problems = generate(arithmetic, 0, 2, difficulty=1)
+    out = rollout.sample(engine, tokenizer, problems, samples_per_prompt=3, budgets={"arithmetic": 12},
+                         temperature=1.0, top_p=1.0, seeds=[5, 9], system_prompt="", reward_fn=score)
+    shaped, scored = rollout.shaped_rewards(out, penalty=0.5, length_weight=0.0)
+    batch = rollout.batch_arrays(out, shaped, scored, 48)
+    logits = np.asarray(jax.jit(model)(batch["input_ids"], batch["positions"], batch["segment_ids"]), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    recomputed = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0] - logz
+    mask = batch["mask"] > 0
+    np.testing.assert_allclose(batch["old_logp"][mask], recomputed[mask], atol=1e-5)
+    for row, (prompt, response) in enumerate(zip(out.prompts, out.responses)):
+        assert np.flatnonzero(mask[row]).tolist() == list(range(len(prompt) - 1, len(prompt) + len(response) - 1))
+        assert batch["targets"][row][mask[row]].tolist() == response
+        assert (response[-1] in engine.stop_token_ids) != out.truncated.reshape(-1)[row]
+    np.testing.assert_array_equal(batch["targets"][:, :-1][batch["segment_ids"][:, 1:] > 0],
+                                  batch["input_ids"][:, 1:][batch["segment_ids"][:, 1:] > 0])
+    assert prompt[-3:] == tokenizer.encode("<|im_assistant|>assistant<|im_middle|>", allow_special=True)[-3:]
+
+
+def test_shaped_rewards_penalise_truncation_and_leave_unscored_samples_out():
+    """Scores [[1, 0, None], [None, None, None]], sample (0, 1) truncated, penalty 0.5; the unscored samples take
+    their prompt's mean score (0.5, then 0 for a prompt without scores) and lose their mask."""
+    out = rollout.Rollout(problems=[], prompts=[[1, 2]] * 6, responses=[[3, 4], [5, 6, 7], [8]] * 2,
+                          logprobs=[[-1.0, -2.0], [-1.0, -1.0, -1.0], [-3.0]] * 2, texts=[""] * 6,
+                          truncated=np.array([[False, True, False], [False, False, True]]),
+                          scores=[1.0, 0.0, None, None, None, None], samples_per_prompt=3)
+    shaped, scored = rollout.shaped_rewards(out, penalty=0.5, length_weight=0.0)
+    np.testing.assert_allclose(shaped, [[1.0, -0.5, 0.5], [0.0, 0.0, 0.0]])
+    assert scored.tolist() == [[True, True, False], [False, False, False]]
+    batch = rollout.batch_arrays(out, shaped, scored, 6)
+    assert batch["mask"].tolist()[:3] == [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0] * 6]
+    assert batch["old_logp"][1].tolist() == [0, -1, -1, -1, 0, 0] and batch["mask"][3:].sum() == 0
+    with_length = rollout.shaped_rewards(out, penalty=0.0, length_weight=0.1)[0]
+    # k1.5 over the lengths of prompt 0 (2, 3, 1): lambda = 0, -0.5, 0.5; correct: sample 0 only
+    np.testing.assert_allclose(with_length[0], [1.0 + 0.0, 0.0 - 0.05, 0.5 + 0.0])
+    with pytest.raises(ValueError, match=r"config\.rollout\.seq_len"):
+        rollout.batch_arrays(out, shaped, scored, 4)
+
+
+def test_prioritised_sampler_prefers_unsolved_prompts_and_its_state_resumes():
+    pool = generate(arithmetic, 0, 20, difficulty=1)
+    sampler = PromptSampler(pool, "prioritised", seed=3)
+    sampler.record(list(range(10)), np.ones((10, 4), bool))        # problems 0..9 always solved
+    draws = np.array([sampler.draw(i, 5) for i in range(200)])
+    assert (draws < 10).mean() < 0.01 and len(set(draws[0])) == 5
+    restored = PromptSampler(pool, "prioritised", seed=3)
+    restored.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
+    assert restored.draw(7, 5) == sampler.draw(7, 5)
+    uniform = np.array([PromptSampler(pool, "uniform", seed=3).draw(i, 5) for i in range(200)])
+    assert 0.4 < (uniform < 10).mean() < 0.6
+    with pytest.raises(ValueError, match=r"config\.prompts\.sampling"):
+        PromptSampler(pool, "greedy")
+    with pytest.raises(ValueError, match=r"config\.prompts\.per_step"):
+        sampler.draw(0, 21)
+
+
+def test_temperature_schedule_and_pass_at_k():
+    assert [temperature(i, start=1.0, end=0.6, decay_steps=4) for i in (0, 1, 4, 9)] == pytest.approx(
+        [1.0, 0.9, 0.6, 0.6])
+    assert temperature(50, start=0.9, end=0.1, decay_steps=0) == 0.9
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0
+    assert pass_at_k(8, 2, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)          # 1 - C(3, 2) / C(4, 2)
