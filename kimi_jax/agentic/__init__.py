@@ -1,7 +1,8 @@
 """Agentic tool-use data (Kimi K2 section 3.1.1): tool specs, agents and tasks with rubrics, tool environments
 behind one Gym-like interface, LLM backends, a judge, and the synthesis pipeline writing ArrayRecord shards."""
 
-from kimi_jax.agentic.backends import Backend, BackendError, OpenAIBackend, ScriptedBackend, TokenBucket
+from kimi_jax.agentic.backends import (Backend, BackendError, EngineBackend, OpenAIBackend, ScriptedBackend,
+                                       TokenBucket)
 from kimi_jax.agentic.env_accounts import AccountsEnv
 from kimi_jax.agentic.env_calendar import CalendarEnv
 from kimi_jax.agentic.env_files import FilesEnv
@@ -17,7 +18,8 @@ from kimi_jax.agentic.tools import ToolSpecError, deduplicate, load_tool_file, l
 from kimi_jax.agentic.user import SimulatedUser, scripted_user
 
 __all__ = [
-    "AccountsEnv", "Agent", "Backend", "BackendError", "CalendarEnv", "Checkpoint", "ENVIRONMENTS", "Environment",
+    "AccountsEnv", "Agent", "Backend", "BackendError", "CalendarEnv", "Checkpoint", "ENVIRONMENTS", "EngineBackend",
+    "Environment",
     "FilesEnv", "OpenAIBackend", "Persona", "RejectionStats", "Rubric", "ScriptedBackend", "ScriptedSolver",
     "SimulatedToolEnv", "SimulatedUser", "SynthesisConfig", "Task", "TokenBucket", "ToolError", "ToolSpecError",
     "Trajectory", "Verdict", "deduplicate", "goal_failures", "judge", "load_tool_file", "load_tools",

@@ -4,6 +4,8 @@ The returned message is OpenAI-style: {"role": "assistant", "content": str | Non
 backend that could not parse the model's tool calls returns the raw text (special tokens included) as content,
 as the project's server does; environments parse that text with `kimi_jax.chat.parse_assistant`.
 
+    EngineBackend(engine, tokenizer) the rollout engine in-process (kimi_jax.serve.Engine, one thread):
+                                     rendered, generated and parsed as the project's server does
     OpenAIBackend(base_url, model)   any OpenAI-compatible endpoint (the project's server, vLLM, SGLang):
                                      per-request timeout, retries with exponential backoff on 429 / 5xx /
                                      timeouts / connection errors, a token-bucket rate limit
@@ -156,6 +158,38 @@ def _message_dict(message) -> Message:
                               "function": {"name": c.function.name, "arguments": c.function.arguments}}
                              for c in message.tool_calls]
     return out
+
+
+class EngineBackend:
+    """The engine in-process: messages (+ tools) -> chat.encode(..., add_generation_prompt=True) -> one Request ->
+    the generated text up to the stop token -> parsed into tool_calls (raw text as content when the calls are
+    malformed), as the server's /v1/chat/completions does. Sampling keywords: temperature, top_p, top_k,
+    max_tokens, seed; others are ignored. A request the engine refuses raises BackendError (status 400)."""
+
+    def __init__(self, engine, tokenizer, *, max_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0):
+        from kimi_jax import chat
+
+        self._chat, self.engine, self.tokenizer = chat, engine, tokenizer
+        self.defaults = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=0)
+        self.stop_ids = tuple(chat.stop_token_ids(tokenizer))
+
+    def chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None, **sampling) -> Message:
+        from kimi_jax.serve.engine import Request, RequestError
+
+        params = {**self.defaults, **{k: v for k, v in sampling.items() if k in self.defaults and v is not None}}
+        ids, _ = self._chat.encode(self.tokenizer, list(messages), list(tools) if tools else None,
+                                   add_generation_prompt=True)
+        try:
+            rid = self.engine.add_request(Request(ids, stop_token_ids=self.stop_ids, **params))
+        except RequestError as e:
+            raise BackendError(f"engine refused the request: {e}", 400, 1) from e
+        tokens = self.engine.run()[rid].samples[0].tokens
+        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids])
+        parsed = self._chat.parse_assistant(text, tools)
+        if parsed.ok and parsed.tool_calls:
+            return {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.tool_calls}
+        return {"role": "assistant", "content": text}
 
 
 class ScriptedBackend:

@@ -22,9 +22,8 @@ _WORDS = ["alpha", "blue", "delta", "north", "river", "summit", "orbit", "maple"
 def _value(schema: dict, rng: random.Random, depth: int = 0) -> Any:
     if depth > 6:
         raise ValueError("schema nests too deeply")
-    for key in ("const",):
-        if key in schema:
-            return schema[key]
+    if "const" in schema:
+        return schema["const"]
     if "enum" in schema:
         return rng.choice(schema["enum"])
     if "default" in schema:

@@ -1,6 +1,7 @@
 """LLM backends: the token bucket, and OpenAIBackend (the official `openai` client) against the project's own
 server over real HTTP: timeouts, 429 when the bounded queue is full, retries with backoff, no retry on a 400,
-and an agent episode driven by the served (random, tiny) model that never crashes the environment.
+and an agent episode driven by the served (random, tiny) model that never crashes the environment; the
+in-process EngineBackend replies as the server does.
 
 The engine thread of the server starts late on purpose: until then a submitted request stays queued, which is
 a stalled server (the client times out) whose queue (max_pending=1) is full (the next request gets 429)."""
@@ -14,8 +15,8 @@ import uvicorn
 
 import kimi_jax
 from kimi_jax import chat
-from kimi_jax.agentic import (BackendError, OpenAIBackend, ScriptedBackend, SimulatedToolEnv, TokenBucket,
-                              judge, run_episode, scripted_simulator, simulated_tasks)
+from kimi_jax.agentic import (BackendError, EngineBackend, OpenAIBackend, ScriptedBackend, SimulatedToolEnv,
+                              TokenBucket, judge, run_episode, scripted_simulator, simulated_tasks)
 from kimi_jax.data import ByteTokenizer
 from kimi_jax.serve import Engine, EngineConfig
 from kimi_jax.serve.async_engine import AsyncEngine
@@ -52,7 +53,7 @@ def server():
     thread.start()
     while not http.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", async_engine
+    yield f"http://127.0.0.1:{port}/v1", async_engine, model
     http.should_exit = True
     thread.join()
     async_engine.stop()
@@ -60,7 +61,7 @@ def server():
 
 @pytest.mark.slow
 def test_timeouts_429_and_retries_against_the_real_server(server):
-    url, async_engine = server
+    url, async_engine, model = server
     stalled = OpenAIBackend(url, "tiny", timeout_s=1.0, max_retries=1, backoff_s=0.05, max_tokens=4)
     with pytest.raises(BackendError, match="429 after 2 attempt") as e:
         stalled.chat(HELLO)            # 1: queued in the stalled engine, times out; 2: the queue is full -> 429
@@ -74,12 +75,17 @@ def test_timeouts_429_and_retries_against_the_real_server(server):
 
     async_engine.start()               # the queued request now runs; retries with backoff get through
     patient = OpenAIBackend(url, "tiny", timeout_s=300, max_retries=30, backoff_s=0.1, max_backoff_s=1.0,
-                            rate=50.0, temperature=0, max_tokens=8)
-    first = patient.chat(HELLO)
-    assert first["role"] == "assistant" and isinstance(first["content"], str)
+                            rate=50.0, temperature=1.0, max_tokens=8)
+    first = patient.chat(HELLO, seed=1)
+    assert first["role"] == "assistant" and isinstance(first["content"], str) and len(first["content"]) > 0
     assert patient.stats.attempts == patient.stats.retries + 1 == patient.stats.failures.get("429", 0) + 1
-    assert patient.chat(HELLO) == first                                  # greedy: the same reply again
+    assert patient.chat(HELLO, seed=1) == first                          # seeded: the same reply again
     assert patient.stats.requests == 2
+    in_process = EngineBackend(Engine(model, EngineConfig(max_slots=2, page_size=16, num_pages=64, max_seq_len=512,
+                                                          prefill_chunk=512)), TOKENIZER, temperature=1.0, max_tokens=8)
+    assert in_process.chat(HELLO, seed=1) == first                       # the engine in-process, as served
+    with pytest.raises(BackendError, match="engine refused the request: .*max_seq_len"):
+        in_process.chat([{"role": "user", "content": "x" * 600}])
 
     with pytest.raises(BackendError, match="request failed \\(400\\)") as e:
         patient.chat(HELLO, temperature=5)                               # a bad request is not retried
@@ -88,7 +94,7 @@ def test_timeouts_429_and_retries_against_the_real_server(server):
 
 @pytest.mark.slow
 def test_an_agent_episode_through_the_server_never_crashes_the_environment(server):
-    url, async_engine = server
+    url, _, _ = server
     agent = OpenAIBackend(url, "tiny", timeout_s=300, max_retries=30, backoff_s=0.1, temperature=1.0,
                           max_tokens=24, seed=3)
     task = simulated_tasks.make_task(0, 1)
