@@ -97,8 +97,9 @@ def evolved_dir(output_dir) -> Path:
 
 def run_tools(config: SynthesisConfig) -> tuple[list[dict], list[tuple[dict, str]]]:
     """The run's toolset: config.tools_dir plus the evolved tools (if any), deduplicated -> (kept, dropped)."""
-    dirs = [config.tools_dir] + ([evolved_dir(config.output_dir)] if config.evolve_categories else [])
-    return deduplicate(load_tools(dirs))
+    evolved = evolved_dir(config.output_dir)
+    has_evolved = config.evolve_categories and evolved.is_dir() and any(evolved.glob("*.json"))
+    return deduplicate(load_tools([config.tools_dir] + ([evolved] if has_evolved else [])))
 
 
 def evolve(config: SynthesisConfig, backend: Backend) -> dict:
@@ -109,6 +110,8 @@ def evolve(config: SynthesisConfig, backend: Backend) -> dict:
         return json.loads(marker.read_text())
     out = evolved_dir(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.json*"):                 # files of an evolution that crashed before its marker
+        stale.unlink()
     existing = deduplicate(load_tools(config.tools_dir))[0]
     result = evolve_tools(backend, config.evolve_categories, domains_per_category=config.evolve_domains,
                           tools_per_domain=config.evolve_tools, existing=existing, seed=config.seed)

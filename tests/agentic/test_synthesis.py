@@ -134,5 +134,8 @@ def test_evolved_tools_join_the_run_through_generic_tasks(tmp_path):
     calls = len(evolver.calls)
     synthesize(config, evolver)                                  # resumed: the evolution is not redone
     assert len(evolver.calls) == calls
+    nothing = synthesize(SynthesisConfig(output_dir=str(tmp_path / "none"), num_tasks=2, envs=("simulated",),
+                                         evolve_categories=("finance",)), ScriptedBackend(lambda m, t: "no"))
+    assert nothing["evolution"]["tools"] == 0 and nothing["tools"] == 22      # all rejected: the run goes on
     with pytest.raises(ValueError, match="tool evolution needs an LLM"):
         synthesize(SynthesisConfig(output_dir=str(tmp_path / "x"), num_tasks=1, evolve_categories=("a",)))
