@@ -72,6 +72,7 @@ class Environment:
     def __init__(self, *, seed: int = 0, max_turns: int = 12, user=None):
         self.seed, self.max_turns, self.user = seed, max_turns, user
         self.task: Task | None = None
+        self.done = False
 
     # -- subclass hooks ---------------------------------------------------------------------------------------
     def _setup(self, task: Task) -> None:
@@ -88,14 +89,15 @@ class Environment:
     def reset(self, task: Task) -> list[dict]:
         self.task = task
         self.rng = random.Random(f"{self.seed}:{task.task_id}")
-        self.n_calls, self.turns, self.user_turns = 0, 0, 0
+        self.n_calls, self.turns, self.user_turns, self.done = 0, 0, 0, False
         self.dialogue: list[dict] = [{"role": "user", "content": task.prompt}]
         self._setup(task)
         return [dict(self.dialogue[0])]
 
     def step(self, message: dict) -> tuple[list[dict], float, bool, dict]:
-        if self.task is None:
-            raise RuntimeError(f"{type(self).__name__}.step before reset(task)")
+        if self.task is None or self.done:
+            raise RuntimeError(f"{type(self).__name__}.step " + ("after the episode ended" if self.done else
+                                                                 "before reset(task)"))
         self.turns += 1
         info: dict[str, Any] = {"calls": [], "errors": [], "truncated": False}
         parsed = self._parse(message)
@@ -158,6 +160,7 @@ class Environment:
         return self.user.reply(self.task, self.dialogue, seed=self.rng.randrange(2**31))
 
     def _finish(self, observation: list[dict], info: dict) -> tuple[list[dict], float, bool, dict]:
+        self.done = True
         info["goal_failures"] = goal_failures(self.state(), self.task.goal)
         reward = 0.0 if info["truncated"] or info["goal_failures"] else 1.0
         return observation, reward, True, info

@@ -130,3 +130,5 @@ def test_step_before_reset_and_truncation():
     _, reward, done, info = env.step({"role": "assistant", "content": "", "tool_calls": [
         {"id": "x", "type": "function", "function": {"name": "list_directory", "arguments": '{"path": "/"}'}}]})
     assert done and info["truncated"] and reward == 0.0
+    with pytest.raises(RuntimeError, match="step after the episode ended"):
+        env.step({"role": "assistant", "content": "hi"})
