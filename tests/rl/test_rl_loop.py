@@ -8,18 +8,20 @@ import signal
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments.configs import rl_tiny
 from experiments.configs.base import override
 from kimi_jax import chat, create_model
 from kimi_jax.data import load_tokenizer
 from kimi_jax.rl import rollout
-from kimi_jax.rl.loop import check_config, train_rl
+from kimi_jax.rl.loop import check_config, initial_state, train_rl
 from kimi_jax.rl.rewards import score
 from kimi_jax.rl.sampler import PromptSampler, pass_at_k, temperature
 from kimi_jax.rl.tasks import Reward, arithmetic, generate, in_held_out
 from kimi_jax.serve import Engine, EngineConfig
 from kimi_jax.train import loop
+from kimi_jax.train.checkpointing import restore_model
 
 TIMING = {"time", "sync_s", "rollout_tokens_per_s", "train_tokens_per_s"}
 SMALL = {"model.num_hidden_layers": 2, "prompts.per_step": 4, "rollout.samples_per_prompt": 4,
@@ -91,6 +93,19 @@ def test_resumes_exactly_after_sigterm(uninterrupted, tmp_path):
     assert resumed["step"] == 3
     expected = without_timing(read_metrics(uninterrupted[0]))
     assert without_timing(read_metrics(workdir)) == expected
+
+
+def test_init_workdir_starts_from_its_newest_parameters(uninterrupted):
+    """config.init_workdir: the policy starts from that run's newest parameters, with a fresh optimizer."""
+    workdir, _ = uninterrupted
+    config = small_config(init_workdir=workdir)
+    cfg = loop.model_config(config.model)
+    _, state, _, _ = initial_state(config, cfg, loop.make_mesh(config.mesh))
+    expected = nnx.to_pure_dict(nnx.state(restore_model(workdir)))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.step) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 1)
 
 
 def first_letter_reward(problems, responses):
