@@ -41,11 +41,11 @@ def setup():
              "rewards": rng.integers(0, 2, (P, K)).astype(np.float32)}
     batch["old_logp"] = (model_logp(graphdef, state.params, batch)
                          + rng.normal(0, 0.5, (P * K, T))).astype(np.float32) * batch["mask"]
-    ptx_ids = rng.integers(0, 256, (4, 10)).astype(np.int32)
+    ptx_ids = rng.integers(0, 256, (8, 10)).astype(np.int32)
     batch["ptx"] = {"input_ids": ptx_ids, "targets": np.roll(ptx_ids, -1, 1),
-                    "positions": np.broadcast_to(np.arange(10), (4, 10)).astype(np.int32),
-                    "segment_ids": np.ones((4, 10), np.int32),
-                    "loss_mask": (rng.uniform(size=(4, 10)) < 0.7).astype(np.float32)}
+                    "positions": np.broadcast_to(np.arange(10), (8, 10)).astype(np.int32),
+                    "segment_ids": np.ones((8, 10), np.int32),
+                    "loss_mask": (rng.uniform(size=(8, 10)) < 0.7).astype(np.float32)}
     return graphdef, cfg, state.params, jax.tree.map(jnp.asarray, batch), (state, tx, lr)
 
 
@@ -183,3 +183,26 @@ def test_muonclip_step_reports_and_applies_qk_clip(setup):
     assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
     new_max = jnp.max(max_logits(graphdef, new.params, batch))
     assert float(new_max) < (threshold + s_max) / 2
+
+
+def test_sharded_on_8_devices_equals_1_device(setup):
+    """The RL objective with PTX on a (data 2, fsdp 2, expert 2) mesh of 8 CPU devices: the same loss, metrics,
+    attention logits and gradients as on one device, up to summation order. (The update after it is the
+    training step's; Muon's orthogonalisation lifts the gradient's near-zero singular directions, where summation
+    order shows, so updates are compared through their gradients.)"""
+    graphdef, cfg, params, batch, _ = setup
+    config = override(rl_tiny.get_config(), {"model.num_hidden_layers": 2, "mesh.data": 2, "mesh.fsdp": 2,
+                                             "mesh.expert": 2})
+    graphdef8, abstract, _, _ = loop.abstract_train_state(config, cfg, loop.make_mesh(config.mesh))
+    params8 = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract.params))
+    results = [jax.jit(jax.value_and_grad(make_rl_loss(g, cfg, tau=TAU, ptx_weight=0.1), has_aux=True))(p, batch)
+               for g, p in ((graphdef, params), (graphdef8, params8))]
+    ((one, (one_metrics, one_logits, _)), one_grads), ((eight, (eight_metrics, eight_logits, _)), eight_grads) = results
+    assert len(jax.tree.leaves(eight_grads)[0].sharding.device_set) == 8
+    assert float(eight) == pytest.approx(float(one), rel=1e-5)
+    for key in one_metrics:
+        assert float(eight_metrics[key]) == pytest.approx(float(one_metrics[key]), rel=1e-5, abs=1e-7), key
+    np.testing.assert_allclose(np.asarray(eight_logits), np.asarray(one_logits), rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one_grads)[0], jax.tree.leaves(eight_grads)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a) + 1e-12, jax.tree_util.keystr(path)
