@@ -123,7 +123,7 @@ def test_k2_loss_learns_a_trivial_reward(tmp_path):
     train_rl(config, str(tmp_path / "run"), reward_fn=first_letter_reward)
     rewards = [line["reward"] for line in read_metrics(str(tmp_path / "run"))]
     assert len(rewards) == 12
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.5, rewards     # seen: 0.12, 0.14, 0.25 ... 1.0
 
 
 @pytest.mark.parametrize("overrides, field", [
