@@ -94,9 +94,10 @@ def test_shared_prefix_samples_equal_independent_requests(model):
 def test_stop_tokens_and_abort_free_their_pages(model, reference):
     engine = Engine(model, ECFG, stop_token_ids=[reference.tokens[0][3]])
     rid = engine.add_request(Request(PROMPTS[0], max_tokens=N))
-    other = engine.add_request(Request(PROMPTS[4], max_tokens=N))
+    other = engine.add_request(Request(PROMPTS[4], max_tokens=40))
     engine.step()
     engine.step()
+    assert not engine.finished(other)
     events = engine.abort(other)
     assert [(e.request_id, e.finish_reason) for e in events] == [(other, "abort")]
     engine.run()
