@@ -32,6 +32,11 @@ if ! "$VENV/bin/python" -c 'import kimi_jax, jax, flax, optax, grain, orbax.chec
   "$VENV/bin/python" -m pip install -q --no-deps -e .
   touch "$VENV/.installed"
 fi
+# Extra packages for this run, e.g. KIMI_JAX_EXTRA_PIP="libtpu==0.0.50.1" (CI: libtpu's compile-only TPU devices, so
+# the TPU dry-run and ahead-of-time compile tests run instead of skipping).
+if [ -n "${KIMI_JAX_EXTRA_PIP:-}" ]; then
+  "$VENV/bin/python" -m pip install -q $KIMI_JAX_EXTRA_PIP
+fi
 
 mode="${1:-}"; shift || true
 case "$mode" in
