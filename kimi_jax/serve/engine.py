@@ -339,8 +339,8 @@ class Engine:
                 self._start_decoding(group)
 
     def _prefill_step(self) -> None:
-        c, rows = self.config.prefill_chunk, _bucket(self.config.prefill_batch, 1 << 30, self.batch_multiple)
         groups = self._prefilling[:self.config.prefill_batch]
+        c, rows = self.config.prefill_chunk, _bucket(len(groups), 1 << 30, self.batch_multiple)
         width = _bucket(max(len(g.samples[0].table) for g in groups), self.config.max_pages_per_seq)
         tokens = np.zeros((rows, c), np.int32)
         positions = np.zeros((rows, c), np.int32)

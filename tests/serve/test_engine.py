@@ -51,7 +51,7 @@ def test_greedy_equals_generate_with_requests_arriving_mid_run(model, reference)
     assert all(engine.allocator.refcount(p) == 0 for p in range(ECFG.num_pages))
     # Compilations: one per (program, batch bucket, table-width bucket) actually run, never one per request.
     assert trace_count() - traces <= len(engine.shapes_seen) + 1          # + the copy_pages program
-    assert len(engine.shapes_seen) <= 3 * 4 + 4                           # buckets: rows {1,2,4} x width {1,2,4,8}
+    assert len(engine.shapes_seen) <= 2 * 3 * 4          # (decode, prefill) x rows {1, 2, 4} x width {1, 2, 4, 8}
 
 
 def test_logprobs_are_the_models(model):
