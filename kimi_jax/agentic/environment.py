@@ -26,6 +26,7 @@ info: {"assistant": the message as it belongs in the dialogue (canonical call id
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 from typing import Any
@@ -64,7 +65,7 @@ def error_observation(errors: list[dict]) -> dict:
     return {"role": "user", "content": f"{ERROR_PREFIX}: {dumps({'errors': errors})}\nFix the call and try again."}
 
 
-class Environment:
+class Environment(abc.ABC):
     """Base class (module docstring). seed: with the task id, seeds everything random in an episode."""
 
     name = "base"
@@ -74,16 +75,18 @@ class Environment:
         self.task: Task | None = None
         self.done = False
 
-    # -- subclass hooks ---------------------------------------------------------------------------------------
+    # -- subclass hooks (every environment implements all three) ---------------------------------------------
+    @abc.abstractmethod
     def _setup(self, task: Task) -> None:
-        raise NotImplementedError
+        """Build the environment's state for `task`."""
 
+    @abc.abstractmethod
     def _execute(self, name: str, arguments: dict) -> Any:
-        raise NotImplementedError
+        """Run one tool call; raise ToolError for a failure the model should see."""
 
+    @abc.abstractmethod
     def state(self) -> dict:
         """The end state the goal is checked against (JSON)."""
-        raise NotImplementedError
 
     # -- the interface ----------------------------------------------------------------------------------------
     def reset(self, task: Task) -> list[dict]:

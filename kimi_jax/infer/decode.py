@@ -76,13 +76,18 @@ class DecodeAttention:
 def absorbed_attention(attn, q_nope, q_rope, c_kv, k_rope, lengths, attend: DecodeAttention):
     """attn: an MLA module (one layer); q_nope [b, h, dn], q_rope [b, h, dr] (rotated), c_kv [b, n, c],
     k_rope [b, n, dr], lengths [b] -> o [b, h, v_head_dim] (before o_proj)."""
-    cfg = attn.cfg
-    w = attn.kv_b_proj.kernel[...].astype(q_nope.dtype)
-    w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-    w_uk, w_uv = w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+    w_uk, w_uv = absorbed_weights(attn, q_nope.dtype)
     q_latent = jnp.einsum("bhd,chd->bhc", q_nope, w_uk)
-    o_latent = attend(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=cfg.softmax_scale)
+    o_latent = attend(q_latent, q_rope, c_kv, k_rope, lengths, sm_scale=attn.cfg.softmax_scale)
     return jnp.einsum("bhc,chd->bhd", o_latent.astype(q_nope.dtype), w_uv)
+
+
+def absorbed_weights(attn, dtype):
+    """kv_b_proj's kernel split per head: (W_UK [kv_lora_rank, h, nope], W_UV [kv_lora_rank, h, v_head_dim])."""
+    cfg = attn.cfg
+    w = attn.kv_b_proj.kernel[...].astype(dtype)
+    w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
 
 def _embed(model, tokens):
@@ -91,11 +96,13 @@ def _embed(model, tokens):
     return sharding.constrain(x, ("batch", "seq", "act_embed"), model.mesh)
 
 
-def _ffn(layer, h):
-    """The layer's MLP or MoE on post_attention_layernorm(h); h [b, s, hidden]."""
+def ffn(layer, h, segment_ids=None):
+    """The layer's MLP or MoE on post_attention_layernorm(h); h [b, s, hidden]; segment_ids [b, s] (0: a padded
+    token the MoE leaves out; default all ones)."""
     normed = layer.post_attention_layernorm(h)
     if isinstance(layer.mlp, MoE):
-        return layer.mlp(normed, jnp.ones(normed.shape[:2], jnp.int32))[0]
+        segment_ids = jnp.ones(normed.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        return layer.mlp(normed, segment_ids)[0]
     return layer.mlp(normed)
 
 
@@ -157,7 +164,7 @@ def _decode_stack(layers, x, cos, sin, cache: LayerCache, lengths, attend: Decod
         r_all = r_all.at[i, rows, lengths].set(k_rope[:, 0])
         o = absorbed_attention(attn, q_nope[:, 0], q_rope[:, 0], c_all[i], r_all[i], lengths + 1, attend)
         h = sharding.constrain(x + attn.o_proj(o.reshape(b, 1, -1)), ("batch", "seq", "act_embed"), layer.mesh)
-        y = sharding.constrain(h + _ffn(layer, h), ("batch", "seq", "act_embed"), layer.mesh)
+        y = sharding.constrain(h + ffn(layer, h), ("batch", "seq", "act_embed"), layer.mesh)
         return (y, c_all, r_all), None
 
     num_layers = cache.c_kv.shape[0]

@@ -9,10 +9,10 @@ server (`kimi_jax.serve.server`, `launch/serve.py`).
 from kimi_jax.serve.engine import (Completion, Engine, EngineConfig, Request, RequestError, SampleOutput,
                                    TokenEvent)
 from kimi_jax.serve.forward import trace_count
-from kimi_jax.serve.paged_cache import BlockAllocator, OutOfPages, init_pages, pool_bytes
+from kimi_jax.serve.paged_cache import BlockAllocator, OutOfPages, init_pages
 from kimi_jax.serve.transfer import WeightReceiver, WeightSender
 from kimi_jax.serve.weight_sync import ColocatedSync, SyncStats, WeightSyncError
 
 __all__ = ["BlockAllocator", "ColocatedSync", "Completion", "Engine", "EngineConfig", "OutOfPages", "Request",
            "RequestError", "SampleOutput", "SyncStats", "TokenEvent", "WeightReceiver", "WeightSender",
-           "WeightSyncError", "init_pages", "pool_bytes", "trace_count"]
+           "WeightSyncError", "init_pages", "trace_count"]

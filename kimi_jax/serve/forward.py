@@ -22,8 +22,7 @@ from flax import nnx
 
 from kimi_jax import sharding
 from kimi_jax.infer.cache import layer_stacks
-from kimi_jax.infer.decode import DecodeAttention
-from kimi_jax.model.moe import MoE
+from kimi_jax.infer.decode import DecodeAttention, absorbed_weights, ffn
 from kimi_jax.model.rope import rope_cos_sin
 from kimi_jax.serve.paged_cache import PagePool, paged_attention_xla
 from pallas_kernels.mla_attention import mla_decode_paged
@@ -74,19 +73,10 @@ def sample_rows(logits: jax.Array, params: RowSampling) -> jax.Array:
     return jnp.where(params.temperature <= 0, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
-def _ffn(layer, h, segment_ids):
-    normed = layer.post_attention_layernorm(h)
-    if isinstance(layer.mlp, MoE):
-        return layer.mlp(normed, segment_ids)[0]
-    return layer.mlp(normed)
-
-
 def _attend(attn, q_nope, q_rope, c_pages, r_pages, table, positions, attend: DecodeAttention):
     """One layer's absorbed attention: q_nope [b, s, h, dn], q_rope [b, s, h, dr] -> o [b, s, h, v_head_dim]."""
     cfg = attn.cfg
-    w = attn.kv_b_proj.kernel[...].astype(q_nope.dtype)
-    w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-    w_uk, w_uv = w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+    w_uk, w_uv = absorbed_weights(attn, q_nope.dtype)
     q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)
     if attend.impl == "pallas" and q_latent.shape[1] == 1:
         o_latent = mla_decode_paged(q_latent[:, 0], q_rope[:, 0], c_pages, r_pages, table, positions[:, 0] + 1,
@@ -113,7 +103,7 @@ def _stack(layers, x, cos, sin, pages, page_ids, offsets, table, positions, segm
         r_all = r_all.at[i, page_ids, offsets].set(k_rope.astype(r_all.dtype))
         o = _attend(attn, q_nope, q_rope, c_all[i], r_all[i], table, positions, attend)
         h = sharding.constrain(x + attn.o_proj(o.reshape(b, s, -1)), ("batch", "seq", "act_embed"), layer.mesh)
-        y = sharding.constrain(h + _ffn(layer, h, segment_ids), ("batch", "seq", "act_embed"), layer.mesh)
+        y = sharding.constrain(h + ffn(layer, h, segment_ids), ("batch", "seq", "act_embed"), layer.mesh)
         return (y, c_all, r_all), None
 
     c_all, r_all = pages

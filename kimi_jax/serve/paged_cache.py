@@ -42,12 +42,6 @@ def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> 
                      for name, n in layer_stacks(cfg)})
 
 
-def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> int:
-    """Bytes of the pool: layers * pages * page_size * (kv_lora_rank + qk_rope_head_dim) * itemsize."""
-    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
-    return cfg.num_hidden_layers * num_pages * page_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
-
-
 class OutOfPages(Exception):
     """Raised by BlockAllocator.allocate when fewer pages are free than asked (nothing is allocated then)."""
 
@@ -99,15 +93,6 @@ class BlockAllocator:
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
-
-
-def write_tokens(c_pages, r_pages, c_kv, k_rope, page_ids, offsets):
-    """Scatter new tokens into one layer's pages.
-
-    c_pages [N, P, c], r_pages [N, P, dr]; c_kv [b, s, c], k_rope [b, s, dr]; page_ids, offsets int32 [b, s]
-    (padded tokens point at the null page) -> updated (c_pages, r_pages)."""
-    return (c_pages.at[page_ids, offsets].set(c_kv.astype(c_pages.dtype)),
-            r_pages.at[page_ids, offsets].set(k_rope.astype(r_pages.dtype)))
 
 
 def paged_attention_xla(q_latent, q_rope, c_pages, r_pages, table, q_positions, *, sm_scale: float):
