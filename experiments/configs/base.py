@@ -29,8 +29,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.model = model_section(preset)
     c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))   # axis sizes; dcn_*: slices per axis
     c.data = ml_collections.ConfigDict({   # kimi_jax.data.DataConfig fields
-        "source": "stdlib",           # "stdlib" (the Python standard library's sources), "text" or "array_record"
-        "paths": (),                  # files / globs for "text" and "array_record"
+        "source": "stdlib",           # "stdlib" (the Python standard library's sources), "text", "array_record"
+                                      # or "sft" (synthesis shards: loss on assistant tokens only)
+        "paths": (),                  # files / dirs / globs for "text", "array_record" and "sft"
         "tokenizer": "byte",          # "byte" or a Kimi tiktoken.model file
         "seq_len": 256,
         "global_batch_size": 16,

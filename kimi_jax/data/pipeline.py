@@ -4,7 +4,9 @@ Batch (one per step and host), B = global_batch_size // process_count rows, S = 
   {"input_ids": int32 [B, S], "targets": int32 [B, S], "positions": int32 [B, S],
    "segment_ids": int32 [B, S], "loss_mask": float32 [B, S]}
 (row semantics in kimi_jax.data.packing). The model takes (input_ids, positions, segment_ids); the loss is
-cross-entropy(logits, targets) weighted by loss_mask.
+cross-entropy(logits, targets) weighted by loss_mask (1 on every real pair for the pretraining sources; for
+the "sft" source 1 exactly where the target is an assistant token of the conversation, see
+kimi_jax.data.sources).
 
 Layout: row r of every global batch is "lane" r, an independent packing stream over the documents at
 positions r, r + G, r + 2G, ... (G = global_batch_size) of the document stream (each epoch a fresh shuffle of
@@ -33,7 +35,7 @@ from kimi_jax.data import corpus, sources
 from kimi_jax.data.packing import ROW_KEYS, PackedRowsIterDataset, PackedRowsIterator
 from kimi_jax.data.tokenizers import load_tokenizer
 
-SOURCES = ("stdlib", "text", "array_record")
+SOURCES = ("stdlib", "text", "array_record", "sft")
 STATE_FORMAT = "kimi_jax.data/1"
 
 
@@ -41,14 +43,22 @@ STATE_FORMAT = "kimi_jax.data/1"
 class DataConfig:
     """What the pipeline reads and how it batches.
 
-    source: "stdlib" (the default corpus, kimi_jax.data.corpus), "text" (text files, one document each) or
-      "array_record" (token shards written by sources.write_token_shard).
-    paths: for "text" / "array_record": files, directories or glob patterns.
-    tokenizer: "byte" (ByteTokenizer, vocab 256) or a Kimi tiktoken.model file (or its directory).
+    source: "stdlib" (the default corpus, kimi_jax.data.corpus), "text" (text files, one document each),
+      "array_record" (token shards written by sources.write_token_shard) or "sft" (shards of tokenised
+      conversations with their loss masks, written by kimi_jax.agentic.synthesis: the loss falls on the
+      assistant tokens only; the framing and weighting rule is in kimi_jax.data.sources).
+    paths: for "text" / "array_record" / "sft": files, directories or glob patterns ("sft" takes only the
+      *.array_record files of a directory, so a synthesis output directory can be given as is).
+    add_bos: frame each document as [BOS] + ids + [EOS] rather than ids + [EOS] (for "sft": no second BOS when
+      a record already starts with one).
+    tokenizer: "byte" (ByteTokenizer, vocab 272) or a Kimi tiktoken.model file (or its directory).
     max_corpus_bytes: for "stdlib" / "text": keep the first files (in path order) up to this many bytes.
     num_epochs: None repeats the documents forever.
     prefetch: batches the training loop's input produces ahead in a background thread (kimi_jax.data.prefetch;
       0: none). Not part of the iterator state: a run may resume with another value.
+    split_documents: True: a document that does not fit the rest of a row continues in the next row; False: it
+      starts the next row (the row is padded), so that a conversation is seen whole when it fits one row
+      (kimi_jax.data.packing).
     """
 
     source: str = "stdlib"
@@ -62,6 +72,7 @@ class DataConfig:
     add_bos: bool = True
     max_corpus_bytes: int | None = None
     prefetch: int = 2
+    split_documents: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
@@ -110,6 +121,8 @@ def document_files(cfg: DataConfig) -> list:
     """The files the documents come from: stdlib sources, text files or ArrayRecord shards."""
     if cfg.source == "stdlib":
         return corpus.default_corpus_files(cfg.max_corpus_bytes)
+    if cfg.source == "sft":
+        return sources.resolve_paths(cfg.paths, dir_suffix=sources.SFT_SUFFIX)
     files = sources.resolve_paths(cfg.paths)
     return corpus.cap_bytes(files, cfg.max_corpus_bytes) if cfg.source == "text" else files
 
@@ -130,7 +143,7 @@ class HostBatchIterator(grain.DatasetIterator):
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """What a saved state must match: batch geometry, seed, shuffling, corpus size, vocab."""
+        """What a saved state must match: source, batch geometry, seed, shuffling, corpus size, vocab."""
         return dict(self._fingerprint)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -152,7 +165,8 @@ class HostBatchIterator(grain.DatasetIterator):
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"data iterator state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         saved = state["fingerprint"]
-        diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), self._fingerprint.get(k)) for k in {**saved, **self._fingerprint}
+                if saved.get(k) != self._fingerprint.get(k)}
         if diff:
             raise ValueError("data iterator state does not match this pipeline (field: (saved, now)): "
                              + ", ".join(f"{k}: {v}" for k, v in sorted(diff.items())))
@@ -216,7 +230,10 @@ def make_train_iterator(config_like: Any, *, seed: int | None = None, process_in
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
 
     files = document_files(cfg)
-    if cfg.source == "array_record":
+    if cfg.source == "sft":
+        documents = sources.sft_source(files)
+        to_tokens = sources.sft_record_to_document(tokenizer, add_bos=cfg.add_bos, files=files)
+    elif cfg.source == "array_record":
         documents = sources.array_record_source(files)
         to_tokens = sources.record_to_tokens(tokenizer, add_bos=cfg.add_bos)
     else:
@@ -229,9 +246,12 @@ def make_train_iterator(config_like: Any, *, seed: int | None = None, process_in
     stream = documents.shuffle(seed=cfg.seed) if cfg.shuffle else documents
     stream = stream.repeat(cfg.num_epochs)
     packed = {r: iter(PackedRowsIterDataset(stream[r::cfg.global_batch_size].map(to_tokens),
-                                            seq_len=cfg.seq_len, pad_id=tokenizer.pad_id))
+                                            seq_len=cfg.seq_len, pad_id=tokenizer.pad_id,
+                                            split_documents=cfg.split_documents))
               for r in lanes}
     fingerprint = {"source": cfg.source, "seq_len": cfg.seq_len, "global_batch_size": cfg.global_batch_size,
                    "seed": cfg.seed, "shuffle": cfg.shuffle, "num_epochs": cfg.num_epochs,
                    "add_bos": cfg.add_bos, "num_documents": num_documents, "vocab_size": tokenizer.vocab_size}
+    if not cfg.split_documents:    # only when not the default: states saved before the option still match
+        fingerprint["split_documents"] = False
     return HostBatchIterator(packed, fingerprint, tokenizer)
