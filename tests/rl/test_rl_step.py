@@ -206,3 +206,28 @@ def test_sharded_on_8_devices_equals_1_device(setup):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one_grads)[0], jax.tree.leaves(eight_grads)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a) + 1e-12, jax.tree_util.keystr(path)
+
+
+def test_microbatched_step_equals_the_whole_batch_step(setup, loss="k2"):
+    """microbatches=2 (one prompt per group, PTX beside): the same loss, metrics and SGD update as one forward
+    over the whole batch, up to summation order."""
+    graphdef, cfg, params, batch, _ = setup
+    tx = optax.sgd(1.0)
+    zero = jnp.zeros((), jnp.int32)
+    results = []
+    for microbatches in (1, 2):
+        step = jax.jit(make_rl_step(graphdef, cfg, tx, optax.constant_schedule(1.0), loss=loss, tau=TAU,
+                                    ptx_weight=0.1, router_bias_update_rate=1e-3, microbatches=microbatches))
+        results.append(step(TrainState(zero, params, tx.init(params), zero, zero), batch))
+    (one, one_metrics), (two, two_metrics) = results
+    for key in ("loss", "policy_loss", "kl_to_old", "entropy", "ptx_loss", "grad_norm", "max_attention_logit"):
+        assert float(two_metrics[key]) == pytest.approx(float(one_metrics[key]), rel=1e-5, abs=1e-7), key
+    assert float(one_metrics["grad_norm"]) > 1e-3
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one.params)[0], jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="config.rl.microbatches"):
+        make_rl_step(graphdef, cfg, tx, optax.constant_schedule(1.0), microbatches=0)
+    with pytest.raises(ValueError, match=r"config.rl.microbatches \(3\) must divide"):
+        jax.eval_shape(make_rl_step(graphdef, cfg, tx, optax.constant_schedule(1.0), microbatches=3),
+                       TrainState(zero, params, tx.init(params), zero, zero), batch)
