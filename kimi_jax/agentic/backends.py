@@ -164,15 +164,30 @@ class EngineBackend:
     """The engine in-process: messages (+ tools) -> chat.encode(..., add_generation_prompt=True) -> one Request ->
     the generated text up to the stop token -> parsed into tool_calls (raw text as content when the calls are
     malformed), as the server's /v1/chat/completions does. Sampling keywords: temperature, top_p, top_k,
-    max_tokens, seed; others are ignored. A request the engine refuses raises BackendError (status 400)."""
+    max_tokens, seed; others are ignored. A request the engine refuses raises BackendError (status 400).
+    enforce: constrain tool-call sections to well-formed calls of the offered tools (kimi_jax.serve.enforcer;
+    off by default: rollouts then see the model's own formatting, and sampling stays the policy whose logprobs
+    the engine reports); tools outside the enforcer's schema subset are then not enforced."""
 
     def __init__(self, engine, tokenizer, *, max_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0):
+                 top_k: int = 0, enforce: bool = False):
         from kimi_jax import chat
 
         self._chat, self.engine, self.tokenizer = chat, engine, tokenizer
         self.defaults = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=0)
         self.stop_ids = tuple(chat.stop_token_ids(tokenizer))
+        self.enforce = enforce
+
+    def _enforcer(self, messages: Sequence[Message], tools: Sequence[dict] | None):
+        if not (self.enforce and tools):
+            return None
+        from kimi_jax.serve.enforcer import ToolCallEnforcer
+
+        earlier = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+        try:
+            return ToolCallEnforcer(list(tools), self.tokenizer, first_call_index=earlier)
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None, **sampling) -> Message:
         from kimi_jax.serve.engine import Request, RequestError
@@ -181,7 +196,8 @@ class EngineBackend:
         ids, _ = self._chat.encode(self.tokenizer, list(messages), list(tools) if tools else None,
                                    add_generation_prompt=True)
         try:
-            rid = self.engine.add_request(Request(ids, stop_token_ids=self.stop_ids, **params))
+            rid = self.engine.add_request(Request(ids, stop_token_ids=self.stop_ids,
+                                                  enforcer=self._enforcer(messages, tools), **params))
         except RequestError as e:
             raise BackendError(f"engine refused the request: {e}", 400, 1) from e
         tokens = self.engine.run()[rid].samples[0].tokens

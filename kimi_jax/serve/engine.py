@@ -24,6 +24,15 @@ an admitted request holds its worst case until it finishes (preemption would rec
 Sampling: sample i of a request with seed s draws its token t from fold_in(PRNGKey(s + i), t), so it equals a
 request with n = 1 and seed s + i, whatever else runs in the batch. Log-probabilities are those of the model's
 own distribution (log-softmax of the logits before temperature and filters): what a trainer recomputes.
+
+Constrained tool calls: a request with `enforcer` (kimi_jax.serve.enforcer.ToolCallEnforcer) gives each sample
+an automaton fed with its tokens. While any running sample is inside a tool-call section, a decode step makes
+one token per compiled call and passes a [rows, vocab] mask (the constrained rows' allowed tokens, all True for
+the others): sampling and greedy argmax see the masked logits, the returned logprobs stay the model's own (so
+a trainer using them sees the unconstrained policy). Otherwise decoding runs `decode_steps` at a time as
+usual; a sample that opens a section mid-call keeps the tokens up to <|tool_calls_section_begin|> and drops
+the rest of that call (they were sampled unconstrained; their cache entries are overwritten). So the
+unconstrained path is unchanged, and an unconstrained request's tokens do not depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import dataclasses
 import itertools
 import math
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +93,10 @@ class EngineConfig:
 @dataclasses.dataclass(frozen=True)
 class Request:
     """prompt: token ids; n samples of up to max_tokens tokens each; temperature 0 = greedy; top_k 0 / top_p 1 =
-    off; stop_token_ids end a sample (added to the engine's own); the stop token is the last token returned."""
+    off; stop_token_ids end a sample (added to the engine's own); the stop token is the last token returned.
+    enforcer: None, or a ToolCallEnforcer (kimi_jax.serve.enforcer) that constrains each sample's tool-call
+    section to well-formed calls of its tools (module docstring); max_tokens must leave room for the section
+    (ToolCallEnforcer.grammar.max_section_tokens() bounds it), or a cut-off section stays unterminated."""
 
     prompt: Sequence[int]
     max_tokens: int = 16
@@ -94,6 +106,7 @@ class Request:
     seed: int = 0
     n: int = 1
     stop_token_ids: tuple[int, ...] = ()
+    enforcer: Any = None
 
 
 @dataclasses.dataclass
@@ -140,6 +153,7 @@ class _Sample:
     position: int                   # where the next fed token goes (= tokens cached so far)
     next_token: int                 # the token to feed
     slot: int = -1
+    constraint: Any = None          # the sample's EnforcerState (requests with an enforcer)
 
 
 @dataclasses.dataclass
@@ -196,7 +210,8 @@ class Engine:
         self._ids = itertools.count()
         self._pending_weights = None
         self._lock = threading.Lock()
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "masked_steps": 0,
+                      "enforcer_violations": 0}
         self.shapes_seen: set[tuple[str, int, int]] = set()     # (program, rows, table width) run so far
 
     # ----------------------------------------------------------------------------------------------- requests
@@ -239,6 +254,14 @@ class Engine:
         if need > self.allocator.capacity:
             raise RequestError(f"request needs {need} pages of {self.config.page_size} tokens ({r.n} samples of "
                                f"{total} tokens), more than the whole cache ({self.allocator.capacity} pages)")
+        if r.enforcer is not None:
+            if r.enforcer.vocab_size > vocab:
+                raise RequestError(f"the enforcer's tokenizer has {r.enforcer.vocab_size} tokens, more than the "
+                                   f"model's vocab_size ({vocab})")
+            try:
+                r.enforcer.start(r.prompt)
+            except ValueError as e:
+                raise RequestError(f"enforcer: {e}") from None
 
     def abort(self, request_id: int) -> list[TokenEvent]:
         """Stop a request wherever it is; its pages and slots are freed. -> abort events of unfinished samples."""
@@ -330,7 +353,8 @@ class Engine:
                 self.allocator.share(group.shared)
             group.samples = [_Sample(group.request_id, i, group.shared + self.allocator.allocate(per_sample - shared),
                                      position=group.prefill_len, next_token=int(r.prompt[-1]),
-                                     slot=self._free_slots.pop())
+                                     slot=self._free_slots.pop(),
+                                     constraint=None if r.enforcer is None else r.enforcer.start(r.prompt))
                              for i in range(r.n)]
             self._groups[group.request_id] = group
             if group.prefill_len:
@@ -376,7 +400,8 @@ class Engine:
     def _decode_step(self) -> list[TokenEvent]:
         samples = list(self._decoding.values())
         rows = _bucket(len(samples), self.config.max_slots, self.batch_multiple)
-        p, k = self.config.page_size, self.config.decode_steps
+        constrained = [row for row, s in enumerate(samples) if s.constraint is not None and s.constraint.active]
+        p, k = self.config.page_size, (1 if constrained else self.config.decode_steps)
         width = _bucket(max((s.position + k - 1) // p + 1 for s in samples), self.config.max_pages_per_seq)
         tokens, positions, remaining = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
@@ -391,17 +416,32 @@ class Engine:
             temperature[row], top_k[row], top_p[row] = r.temperature, r.top_k, r.top_p
             seed[row], counter[row] = r.seed + s.index, made
         params = forward.RowSampling(temperature, top_k, top_p, seed, counter)
+        mask = None
+        if constrained:
+            mask = np.ones((rows, self.cfg.vocab_size), bool)
+            for row in constrained:
+                allowed = samples[row].constraint.mask()
+                mask[row, :len(allowed)] = allowed
+                mask[row, len(allowed):] = False
+            self.stats["masked_steps"] += 1
         self.stats["decode_tokens"] += int(np.minimum(remaining, k).sum())
-        self.shapes_seen.add(("decode", rows, width))
+        self.shapes_seen.add(("decode" if mask is None else "decode_masked", rows, width))
         self.pool, out = forward.decode(self.graphdef, self.state, self.pool, tokens, positions, remaining, table,
-                                        params, attend=self.attend, num_steps=k)
+                                        params, attend=self.attend, num_steps=k, mask=mask)
         out = jax.device_get(out)
-        events = []
+        events, cut = [], set()
         for j in range(k):
             for row, s in enumerate(samples):
-                if self._decoding.get(s.slot) is not s:
-                    continue                                  # finished at an earlier step of this call
-                events.append(self._emit(s, int(out.tokens[j, row]), float(out.logprob[j, row]),
+                if self._decoding.get(s.slot) is not s or row in cut:
+                    continue                                  # finished (or entered a section) earlier in this call
+                token = int(out.tokens[j, row])
+                if s.constraint is not None:
+                    was_active = s.constraint.active
+                    if not s.constraint.advance(token):
+                        self.stats["enforcer_violations"] += 1
+                    if s.constraint.active and not was_active:
+                        cut.add(row)                          # its later tokens here were sampled unconstrained
+                events.append(self._emit(s, token, float(out.logprob[j, row]),
                                          [(int(i), float(v)) for i, v in zip(out.top_ids[j, row],
                                                                              out.top_logprobs[j, row])]))
         return events

@@ -33,7 +33,7 @@ _TRACES: collections.Counter = collections.Counter()
 
 
 def trace_count(name: str | None = None) -> int:
-    """Traces so far of one program ("decode", "prefill", "copy_pages") or of all of them."""
+    """Traces so far of one program ("decode", "decode_masked", "prefill", "copy_pages") or of all of them."""
     return sum(_TRACES.values()) if name is None else _TRACES[name]
 
 
@@ -141,14 +141,18 @@ class DecodeOut(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attend", "num_steps"), donate_argnames=("pool",))
 def decode(graphdef, state, pool: PagePool, tokens, positions, remaining, table, params: RowSampling,
-           attend: DecodeAttention, num_steps: int):
+           attend: DecodeAttention, num_steps: int, mask=None):
     """num_steps decode steps in one program: step j feeds each row's token at positions + j and samples the next
     one (with counter + j); a row takes part in step j only while j < remaining[b] (tokens it may still make).
 
     tokens, positions, remaining int32 [b]; table [b, M] covering positions + num_steps - 1 -> (pool, DecodeOut
     with a leading [num_steps] axis). Tokens a row samples after its stop token are the host's to discard.
+    mask: None, or bool [b, vocab] of the tokens each row may sample (constrained decoding, e.g.
+    kimi_jax.serve.enforcer; every row needs one True); it applies at every step, so the engine passes it
+    with num_steps=1. Sampling (greedy too) sees the masked logits; the returned logprobs are still the model's
+    own. None and an array trace separate programs; the unconstrained one is unchanged.
     """
-    _TRACES["decode"] += 1
+    _TRACES["decode" if mask is None else "decode_masked"] += 1
     model = nnx.merge(graphdef, state)
 
     def one(carry, j):
@@ -158,7 +162,8 @@ def decode(graphdef, state, pool: PagePool, tokens, positions, remaining, table,
                                 attend)
         logits = model.logits(h[:, 0]).astype(jnp.float32)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = sample_rows(logits, params._replace(counter=params.counter + j))
+        allowed = logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+        chosen = sample_rows(allowed, params._replace(counter=params.counter + j))
         top_logprobs, top_ids = jax.lax.top_k(logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
         out = DecodeOut(chosen, jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0],
                         top_ids.astype(jnp.int32), top_logprobs)

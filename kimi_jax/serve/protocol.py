@@ -96,8 +96,28 @@ def completion_params(body: dict, model: str, tokenizer, stop_ids: tuple[int, ..
     return _sampling(body, model, ids, stop_ids, "max_tokens", logprobs)
 
 
+def _enforcer(body: dict, messages: list, tools: list | None, tokenizer):
+    """The ToolCallEnforcer of a chat request with tools, or None. The extra field `enforce_tool_calls`: absent
+    (enforce when the tools' schemas are in the supported subset, else not), true (enforce; 400 when they are
+    not) or false (never)."""
+    from kimi_jax.serve.enforcer import ToolCallEnforcer
+
+    enforce = _get(body, "enforce_tool_calls", bool, None, rule="a boolean")
+    if not tools or enforce is False:
+        return None
+    earlier = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+    try:
+        return ToolCallEnforcer(tools, tokenizer, first_call_index=earlier)
+    except (ValueError, TypeError, KeyError) as e:
+        if enforce:
+            raise APIError(400, f"tool calls cannot be enforced for these tools: {e}", "tools") from e
+        return None
+
+
 def chat_params(body: dict, model: str, tokenizer, stop_ids: tuple[int, ...]) -> tuple[Params, list | None]:
-    """POST /v1/chat/completions: messages (+ tools) rendered with the Kimi chat template -> (Params, tools)."""
+    """POST /v1/chat/completions: messages (+ tools) rendered with the Kimi chat template -> (Params, tools).
+    With tools, the request carries a ToolCallEnforcer (see `_enforcer`): a tool-call section the model opens
+    can only hold well-formed calls of those tools."""
     from kimi_jax import chat
     messages, tools = body.get("messages"), body.get("tools")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -111,7 +131,11 @@ def chat_params(body: dict, model: str, tokenizer, stop_ids: tuple[int, ...]) ->
     top = _get(body, "top_logprobs", int, 0, check=lambda v: 0 <= v <= NUM_TOP_LOGPROBS,
                rule=f"an integer in [0, {NUM_TOP_LOGPROBS}]")
     logprobs = top if _get(body, "logprobs", bool, False, rule="a boolean") else None
-    return _sampling(body, model, ids, stop_ids, "max_completion_tokens", logprobs), tools or None
+    params = _sampling(body, model, ids, stop_ids, "max_completion_tokens", logprobs)
+    enforcer = _enforcer(body, messages, tools, tokenizer)
+    if enforcer is not None:
+        params.request = dataclasses.replace(params.request, enforcer=enforcer)
+    return params, tools or None
 
 
 class SampleText:

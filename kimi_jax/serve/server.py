@@ -4,7 +4,10 @@
     uvicorn.run(app, port=8000)                       # or launch/serve.py
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (Kimi chat template, tool calls parsed into
-`tool_calls`), both with `stream`, `n`, `logprobs`, `seed`, `stop`, and the extras `top_k` and `stop_token_ids`;
+`tool_calls`; with `tools`, a tool-call section the model opens is constrained to well-formed calls of those
+tools by kimi_jax.serve.enforcer, unless the extra field `enforce_tool_calls` is false; true makes tools whose
+schemas it cannot enforce a 400), both with `stream`, `n`, `logprobs`, `seed`, `stop`, and the extras `top_k`
+and `stop_token_ids`;
 GET /v1/models; GET /health. Every response (and every stream chunk) carries `weight_version`, the version of
 the weights that produced it (the highest one if weights changed mid-request). Errors are OpenAI-style JSON
 bodies: 400 invalid parameters, malformed JSON or a prompt over the engine's limits, 404 unknown model, 429 the
