@@ -11,6 +11,7 @@ defaults are our choices for a small CPU run.
 import ml_collections
 
 from experiments.configs.base import base_config
+from kimi_jax.rl import critic as critic_rubrics
 
 
 def get_config():
@@ -65,5 +66,29 @@ def get_config():
         "samples": 8,                 # n samples per held-out prompt
         "k": 8,                       # pass@k (and pass@1)
         "temperature": 1.0,
+    })
+    # Self-critique rubric reward with a closed loop (kimi_jax/rl/critic.py; K2 3.2.2, appendix F). Not published:
+    # how wins become a reward, the critic's loss, its learning rate: our choices below.
+    c.critic = ml_collections.ConfigDict({
+        "enabled": False,
+        "mode": "separate",           # "policy" (the policy is the critic) or "separate" (its own state)
+        "init_workdir": "",           # separate: a training workdir whose newest parameters the critic starts
+                                      # from ("": the policy's initial parameters)
+        "core_rubrics": critic_rubrics.CORE_RUBRICS,
+        "prescriptive_rubrics": critic_rubrics.PRESCRIPTIVE_RUBRICS,
+        "instruction": critic_rubrics.INSTRUCTION,   # the critic prompt's first paragraph
+        "system_prompt": "",          # None: the chat template's default system turn
+        "reward_weight": 0.0,         # shaped reward += weight x rubric reward (mean win probability among the
+                                      # prompt's K samples); 0: only train and evaluate the critic
+        "updates_per_iteration": 1,   # BT steps after each policy update, on that iteration's verifiable pairs
+        "batch_pairs": 16,            # (correct, incorrect) pairs per BT step (x 2 orders = rows)
+        "use_reference": True,        # a prompt without a correct sample pairs its reference answer with the wrong
+        "loss": "paired",             # BT on the order-debiased margin ("paired") or per order ("row")
+        "learning_rate": 1e-3,        # the critic's optimizer: config.optimizer with this learning rate
+        "eval_problems": 16,          # held-out problems of the critic's fixed held-out pairs
+        "eval_pairs": 64,             # held-out pairs (critic_pairwise_accuracy at eval steps; 0: none)
+        "seq_len": 1024,              # longest critic prompt (tokens)
+        "length_bucket": 64,          # critic prompts are padded to a multiple of this
+        "forward_batch": 64,          # rows per critic forward
     })
     return c

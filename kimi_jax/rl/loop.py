@@ -19,8 +19,19 @@ the rollout, nats per response), rollout_tokens_per_s (response tokens / rollout
 sync_s, and at eval steps heldout_pass@1, heldout_pass@<k>, heldout_response_length. Eval lines are written at
 step 0 too (the starting policy) on a fresh run.
 
+With config.critic.enabled (kimi_jax/rl/critic.py, the self-critique rubric reward with its closed loop): step 3
+adds config.critic.reward_weight x the rubric reward (each sample's mean win probability against the other
+samples of its prompt, judged by the critic) to the shaped reward (logged as rubric_reward); after step 4,
+config.critic.updates_per_iteration Bradley-Terry steps train the critic on the iteration's (correct, incorrect)
+pairs (logged: critic_pairs, critic_loss, critic_accuracy, critic_grad_norm, critic_lr, critic_skipped,
+critic_s); at eval steps (and step 0): critic_pairwise_accuracy on fixed held-out pairs and
+critic_onpolicy_accuracy on the eval rollout's pairs. In mode "policy" the critic step updates the policy's
+parameters (before the eval sync, so the engine serves them) with the critic's own optimizer state.
+
 Checkpoints (as training: orbax, every checkpoint_every iterations, at the end and on SIGTERM) hold the train
-state and, as JSON, the prompt sampler's state and the engine's weight version. Everything random is a function
+state and, as JSON, the prompt sampler's state and the engine's weight version; with the critic enabled,
+<workdir>/critic_checkpoints holds the critic's state (optimizer state, step, and its parameters in mode
+"separate") at the same iterations. Everything random is a function
 of (config.seed, iteration): prompts, sampling seeds, PTX problems, so a resumed run logs what the uninterrupted
 run would (timings aside).
 """
@@ -41,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kimi_jax import chat, sharding
 from kimi_jax.checkpoint.orbax_io import SigtermFlag, TrainCheckpointer
 from kimi_jax.data import load_tokenizer
-from kimi_jax.rl import rewards, rollout, tasks
+from kimi_jax.rl import critic as critic_lib, rewards, rollout, tasks
 from kimi_jax.rl.sampler import PromptSampler, pass_at_k, temperature
 from kimi_jax.rl.step import make_rl_loss, make_rl_step
 from kimi_jax.serve.engine import Engine, EngineConfig
@@ -76,6 +87,12 @@ def check_config(config) -> None:
     if config.eval.every and not 1 <= config.eval.k <= config.eval.samples:
         raise ValueError(f"config.eval.k must be in [1, config.eval.samples={config.eval.samples}], got "
                          f"{config.eval.k}")
+    if critic_enabled(config):
+        critic_lib.check_config(config)
+
+
+def critic_enabled(config) -> bool:
+    return "critic" in config and bool(config.critic.enabled)
 
 
 def optimizer_steps_config(config) -> ml_collections.ConfigDict:
@@ -138,13 +155,16 @@ def problems_of(family, seed: int, count: int, difficulty: int, split: str, fiel
         raise ValueError(f"{field} ({count}): {e}") from e
 
 
-def evaluate(engine, tokenizer, problems, config, reward_fn) -> dict[str, float]:
-    """Held-out pass@1 and pass@k (eval.samples samples per problem at eval.temperature, fixed seeds)."""
+def evaluate(engine, tokenizer, problems, config, reward_fn, keep: list | None = None) -> dict[str, float]:
+    """Held-out pass@1 and pass@k (eval.samples samples per problem at eval.temperature, fixed seeds); the
+    rollout is appended to `keep` when given."""
     n, k = config.eval.samples, config.eval.k
     seeds = np.random.default_rng([config.seed, 1]).integers(0, SEED_LIMIT, len(problems))
     out = rollout.sample(engine, tokenizer, problems, samples_per_prompt=n, budgets=dict(config.rollout.budgets),
                          temperature=config.eval.temperature, top_p=config.rollout.top_p, seeds=seeds,
                          system_prompt=config.prompts.system_prompt, reward_fn=reward_fn)
+    if keep is not None:
+        keep.append(out)
     correct = np.array([s is not None and s >= 1.0 for s in out.scores]).reshape(-1, n).sum(1)
     return {"heldout_pass@1": float(np.mean([pass_at_k(n, c, 1) for c in correct])),
             f"heldout_pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])),
@@ -180,11 +200,15 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
     stats_fn = jax.jit(lambda params, batch: loss_fn(params, batch)[1][0])
 
     engine = ColocatedEngine(config, cfg, chat.stop_token_ids(tokenizer))
+    critic = (critic_lib.LoopCritic(config, cfg, mesh, tokenizer, graphdef, state, workdir, resume=resume,
+                                    reward_fn=reward_fn) if critic_enabled(config) else None)
     save_run_config(config, workdir)
     if resume:
         state, extra = ckpt.restore(state)
         sampler.load_state_dict(extra["sampler"])
         engine.sync.version = extra["weight_version"]
+        if critic is not None:
+            critic.restore(extra["iteration"])
         logger.info("Resumed RL from iteration %d in %s", extra["iteration"], workdir)
     start = int(state.step) // config.rl.updates_per_rollout
     writer = MetricsWriter(workdir, config.steps, initial_step=start)
@@ -195,12 +219,18 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
     last_metrics = {}
 
     def save(iteration):
+        if critic is not None:
+            critic.save(iteration)
         ckpt.save(iteration, state, {"iteration": iteration, "sampler": sampler.state_dict(),
                                      "weight_version": engine.sync.version}, force=True)
 
     try:
         if not resume and config.eval.every and config.steps:
-            state, metrics, _ = engine.run(state, 0, lambda e: evaluate(e, tokenizer, held_out, config, reward_fn))
+            kept = [] if critic is not None else None
+            state, metrics, _ = engine.run(state, 0, lambda e: evaluate(e, tokenizer, held_out, config, reward_fn,
+                                                                        kept))
+            if critic is not None:
+                metrics.update(critic.evaluate(state, kept[0]))
             writer.write(0, metrics)
         for iteration in range(start + 1, config.steps + 1):
             rng = np.random.default_rng([config.seed, 2, iteration])
@@ -218,6 +248,13 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
                                                     length_weight=r.length_reward_weight)
             raw = np.array([0.0 if s is None else s for s in out.scores]).reshape(scored.shape)
             sampler.record(indices, (raw >= 1.0) & scored)
+            critic_metrics = {}
+            if critic is not None and config.critic.reward_weight:
+                critic_start = time.perf_counter()
+                rubric = critic.rubric_rewards(state, out)
+                shaped = shaped + np.float32(config.critic.reward_weight) * rubric
+                critic_metrics = {"rubric_reward": float(rubric.mean()),
+                                  "critic_s": time.perf_counter() - critic_start}
             batch = rollout.batch_arrays(out, shaped, scored, r.seq_len)
             rollout_batch = put({k: v for k, v in batch.items() if k != "rewards"})
             rollout_batch["rewards"] = jax.device_put(batch["rewards"], NamedSharding(mesh, P()))
@@ -236,6 +273,14 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
                     f"{int(step_metrics['nonfinite_streak'])} consecutive RL updates up to iteration {iteration} "
                     f"had a non-finite loss or gradient; lower config.optimizer.learning_rate")
             trained_tokens = int(batch["segment_ids"].sum()) * config.rl.updates_per_rollout
+            if critic is not None:
+                critic_start = time.perf_counter()
+                state, update_metrics = critic.update(state, out, iteration)
+                if update_metrics.get("critic_skipped"):
+                    logger.warning("Critic update of iteration %d had a non-finite loss or gradient; skipped",
+                                   iteration)
+                critic_metrics.update(update_metrics)
+                critic_metrics["critic_s"] = critic_metrics.get("critic_s", 0.0) + time.perf_counter() - critic_start
             metrics = {**{k: v for k, v in step_metrics.items() if k != "nonfinite_streak"},
                        "kl_after_update": float(after["kl_to_old"]),
                        "reward": float(raw[scored].mean()) if scored.any() else 0.0,
@@ -243,12 +288,15 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
                        "truncated_share": float(out.truncated.mean()), "excluded": int((~scored).sum()),
                        "temperature": temp, "weight_version": iteration - 1, "sync_s": sync_s,
                        "rollout_tokens_per_s": float(out.lengths.sum()) / max(rollout_s, 1e-9),
-                       "train_tokens_per_s": trained_tokens / max(train_s, 1e-9)}
+                       "train_tokens_per_s": trained_tokens / max(train_s, 1e-9), **critic_metrics}
             writer.advance()
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == config.steps):
+                kept = [] if critic is not None else None
                 state, heldout, _ = engine.run(state, iteration, lambda e: evaluate(e, tokenizer, held_out, config,
-                                                                                   reward_fn))
+                                                                                   reward_fn, kept))
                 metrics.update(heldout)
+                if critic is not None:
+                    metrics.update(critic.evaluate(state, kept[0]))
             if iteration % config.log_every == 0 or iteration == config.steps or "heldout_pass@1" in metrics:
                 writer.write(iteration, metrics)
             last_metrics = {"step": iteration, **metrics}
@@ -259,8 +307,12 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
                 logger.warning("Saved iteration %d after SIGTERM; exiting.", iteration)
                 break
         ckpt.wait()
+        if critic is not None:
+            critic.wait()
     finally:
         sigterm.uninstall()
         ckpt.close()
+        if critic is not None:
+            critic.close()
         writer.close()
     return last_metrics
