@@ -29,6 +29,8 @@ def get_config():
         "tau": 0.01,                  # K2's tau (a third-party reproduction's value)
         "clip_eps": 0.2,              # GRPO only
         "updates_per_rollout": 1,     # gradient steps per rollout batch
+        "microbatches": 1,            # forward/backward in this many groups of whole prompts (same step, less memory)
+        "shuffle_rewards": False,     # control runs: rewards permuted across the iteration's samples
     })
     c.prompts = ml_collections.ConfigDict({
         "family": "arithmetic",       # kimi_jax.rl.tasks.FAMILIES

@@ -8,7 +8,9 @@ iterations. Iteration i (1-based):
   2. rollout: prompts.per_step problems from the sampler (uniform or prioritised), rendered in the chat format,
      rollout.samples_per_prompt samples each at the decayed temperature, each within its family's token budget;
   3. rewards: the task verifiers (or `reward_fn`), truncated responses penalised, k1.5's length reward optionally;
-  4. rl.updates_per_rollout gradient steps of kimi_jax.rl.step (K2's loss or GRPO, + ptx.weight x PTX loss);
+  4. rl.updates_per_rollout gradient steps of kimi_jax.rl.step (K2's loss or GRPO, + ptx.weight x PTX loss),
+     accumulated over rl.microbatches groups of whole prompts; with rl.shuffle_rewards (a control run) the shaped
+     rewards are first permuted across all the iteration's samples, so the loss sees rewards without information;
   5. every eval.every iterations and at the end: the new weights are synced (version i) and the held-out
      problems sampled: pass@1 and pass@k.
 Logged per iteration (console progress bar, <workdir>/tensorboard, <workdir>/metrics.jsonl): reward (mean task
@@ -194,7 +196,8 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
         graphdef, state, tx, lr = initial_state(config, cfg, mesh)
     step_kwargs = dict(loss=config.rl.loss, tau=config.rl.tau, clip_eps=config.rl.clip_eps,
                        ptx_weight=config.ptx.weight, router_bias_update_rate=config.train.router_bias_update_rate,
-                       qk_clip_tau=config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None)
+                       qk_clip_tau=config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None,
+                       microbatches=config.rl.get("microbatches", 1))
     step_fn = jax.jit(make_rl_step(graphdef, cfg, tx, lr, **step_kwargs), donate_argnums=0)
     loss_fn = make_rl_loss(graphdef, cfg, loss=config.rl.loss, tau=config.rl.tau, clip_eps=config.rl.clip_eps)
     stats_fn = jax.jit(lambda params, batch: loss_fn(params, batch)[1][0])
@@ -255,6 +258,9 @@ def train_rl(config, workdir: str, *, reward_fn: rollout.RewardFn | None = None)
                 shaped = shaped + np.float32(config.critic.reward_weight) * rubric
                 critic_metrics = {"rubric_reward": float(rubric.mean()),
                                   "critic_s": time.perf_counter() - critic_start}
+            if config.rl.get("shuffle_rewards", False):      # the control arm: rewards carry no information
+                shaped = np.random.default_rng([config.seed, 3, iteration]).permutation(shaped.reshape(-1)).reshape(
+                    shaped.shape)
             batch = rollout.batch_arrays(out, shaped, scored, r.seq_len)
             rollout_batch = put({k: v for k, v in batch.items() if k != "rewards"})
             rollout_batch["rewards"] = jax.device_put(batch["rewards"], NamedSharding(mesh, P()))
