@@ -37,7 +37,7 @@ from kimi_jax.agentic.tools import load_tools, openai_form  # noqa: E402
 from kimi_jax.data import ByteTokenizer  # noqa: E402
 from kimi_jax.data.tokenizers import KimiTokenizer  # noqa: E402
 from kimi_jax.serve import Engine, EngineConfig, Request  # noqa: E402
-from kimi_jax.serve import enforcer as enforcer_mod  # noqa: E402
+from kimi_jax.serve.enforcer import masks as enforcer_mod  # noqa: E402
 from kimi_jax.serve.enforcer import EnforcerConfig, ToolCallEnforcer  # noqa: E402
 
 TOK = ByteTokenizer()

@@ -19,7 +19,8 @@ from kimi_jax.data import ByteTokenizer
 from kimi_jax.data.tokenizers import KimiTokenizer
 from kimi_jax.serve import Engine, EngineConfig, Request, RequestError, trace_count
 from kimi_jax.serve.enforcer import (ATOMS, EnforcerConfig, ToolCallEnforcer, ToolCallGrammar, UnsupportedSchema,
-                                     _DFA, allowed_tokens, vocab_index)
+                                     allowed_tokens, vocab_index)
+from kimi_jax.serve.enforcer.regex import _DFA
 from kimi_jax.serve.protocol import APIError, chat_params
 
 TOK = ByteTokenizer()
