@@ -49,11 +49,11 @@ _HELD_OUT = flags.DEFINE_integer("held_out", 18, "Held-out problems evaluated.")
 _POOL = flags.DEFINE_integer("pool", 128, "Training problems (config.prompts.pool_size).")
 
 
-def warmup_config(steps: int, lr: float, seed: int, family: str, held_out: int, pool: int):
+def warmup_config(steps: int, lr: float, seed: int, family: str, held_out: int, pool_size: int):
     """The RL config (rl_tiny) the warm-up shares its model, mesh, eval and engine settings with."""
     return override(rl_tiny.get_config(), {"seed": seed, "steps": steps, "optimizer.learning_rate": lr,
                                            "optimizer.warmup_steps": 20, "prompts.family": family,
-                                           "prompts.pool_size": pool,
+                                           "prompts.pool_size": pool_size,
                                            "rollout.budgets": {family: 32}, "ptx.seq_len": 96, "eval.num_prompts": held_out,
                                            "eval.samples": 8, "eval.k": 8})
 
@@ -72,9 +72,9 @@ def supervised_batch(tokenizer, pool, rng, batch: int, verbose_share: float, seq
 
 
 def run(workdir: str, *, steps: int, batch: int, lr: float, verbose_share: float, eval_every: int, seed: int,
-        family: str = "arithmetic", held_out: int = 18, pool: int = 128):
+        family: str = "arithmetic", held_out: int = 18, pool_size: int = 128):
     workdir = os.path.abspath(workdir)
-    config = warmup_config(steps, lr, seed, family, held_out, pool)
+    config = warmup_config(steps, lr, seed, family, held_out, pool_size)
     config.data.global_batch_size, config.data.seq_len = batch, config.ptx.seq_len
     tokenizer = load_tokenizer(config.data.tokenizer)
     generator = tasks.FAMILIES[config.prompts.family]
@@ -103,7 +103,8 @@ def run(workdir: str, *, steps: int, batch: int, lr: float, verbose_share: float
     finally:
         ckpt.close()
     save_run_config(config, workdir)
-    result = {"family": family, "pool": pool, "held_out": held_out, "steps": steps, "batch": batch, "lr": lr, "verbose_share": verbose_share, "seed": seed,
+    result = {"family": family, "pool": pool_size, "held_out": held_out, "steps": steps, "batch": batch, "lr": lr,
+              "verbose_share": verbose_share, "seed": seed,
               "final_loss": float(metrics["loss"]), "curve": curve}
     with open(os.path.join(workdir, "warmup.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -114,7 +115,7 @@ def main(argv):
     del argv
     run(_WORKDIR.value, steps=_STEPS.value, batch=_BATCH.value, lr=_LR.value, verbose_share=_VERBOSE.value,
         eval_every=_EVAL_EVERY.value, seed=_SEED.value, family=_FAMILY.value, held_out=_HELD_OUT.value,
-        pool=_POOL.value)
+        pool_size=_POOL.value)
 
 
 if __name__ == "__main__":
