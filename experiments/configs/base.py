@@ -39,6 +39,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
         "shuffle": True,
         "add_bos": True,
         "prefetch": 2,                # batches made ahead in a background thread (0: none)
+        "split_documents": True,      # False: a document (a conversation) that fits in a row is never split
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "muonclip",           # "muonclip" or "adamw"
