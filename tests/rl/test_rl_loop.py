@@ -4,6 +4,9 @@ trivially learnable reward that RL with K2's loss learns."""
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -23,6 +26,7 @@ from kimi_jax.serve import Engine, EngineConfig
 from kimi_jax.train import loop
 from kimi_jax.train.checkpointing import restore_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = {"time", "sync_s", "rollout_tokens_per_s", "train_tokens_per_s"}
 SMALL = {"model.num_hidden_layers": 2, "prompts.per_step": 4, "rollout.samples_per_prompt": 4,
          "rollout.max_slots": 16, "rollout.budgets": {"arithmetic": 8}, "rollout.seq_len": 48, "ptx.seq_len": 48,
@@ -93,6 +97,30 @@ def test_resumes_exactly_after_sigterm(uninterrupted, tmp_path):
     assert resumed["step"] == 3
     expected = without_timing(read_metrics(uninterrupted[0]))
     assert without_timing(read_metrics(workdir)) == expected
+
+
+@pytest.mark.slow
+def test_resumes_exactly_after_kill_9(uninterrupted, tmp_path):
+    """launch/rl.py in a subprocess, SIGKILLed once iteration 2's checkpoint is on disk (no chance to save or
+    clean up), then rerun: it resumes from the newest complete checkpoint, drops the metrics lines logged after
+    it, and logs the same rewards, losses and held-out numbers as the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    flat = {"rollout.budgets.arithmetic": 8, **{k: v for k, v in SMALL.items() if k != "rollout.budgets"},
+            "steps": 3, "checkpoint_every": 1}
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "rl.py"), f"--workdir={workdir}",
+           *(f"--config.{k}={v}" for k, v in flat.items())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert without_timing(read_metrics(workdir)) == without_timing(read_metrics(uninterrupted[0]))
 
 
 def test_init_workdir_starts_from_its_newest_parameters(uninterrupted):
