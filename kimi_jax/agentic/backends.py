@@ -5,7 +5,8 @@ backend that could not parse the model's tool calls returns the raw text (specia
 as the project's server does; environments parse that text with `kimi_jax.chat.parse_assistant`.
 
     EngineBackend(engine, tokenizer) the rollout engine in-process (kimi_jax.serve.Engine, one thread):
-                                     rendered, generated and parsed as the project's server does
+                                     rendered, generated and parsed as the project's server does; its
+                                     generate(prompts, tools) gives token ids and logprobs (multi-turn RL)
     OpenAIBackend(base_url, model)   any OpenAI-compatible endpoint (the project's server, vLLM, SGLang):
                                      per-request timeout, retries with exponential backoff on 429 / 5xx /
                                      timeouts / connection errors, a token-bucket rate limit
@@ -160,6 +161,19 @@ def _message_dict(message) -> Message:
     return out
 
 
+def reply_message(tokenizer, tokens: Sequence[int], stop_ids: Sequence[int],
+                  tools: Sequence[dict] | None) -> Message:
+    """Generated token ids -> the assistant message the server returns: the text without stop tokens, parsed into
+    tool_calls when they are well-formed, else the raw text (special tokens included) as content."""
+    from kimi_jax import chat
+
+    text = tokenizer.decode([t for t in tokens if t not in stop_ids])
+    parsed = chat.parse_assistant(text, tools)
+    if parsed.ok and parsed.tool_calls:
+        return {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.tool_calls}
+    return {"role": "assistant", "content": text}
+
+
 class EngineBackend:
     """The engine in-process: messages (+ tools) -> chat.encode(..., add_generation_prompt=True) -> one Request ->
     the generated text up to the stop token -> parsed into tool_calls (raw text as content when the calls are
@@ -167,7 +181,10 @@ class EngineBackend:
     max_tokens, seed; others are ignored. A request the engine refuses raises BackendError (status 400).
     enforce: constrain tool-call sections to well-formed calls of the offered tools (kimi_jax.serve.enforcer;
     off by default: rollouts then see the model's own formatting, and sampling stays the policy whose logprobs
-    the engine reports); tools outside the enforcer's schema subset are then not enforced."""
+    the engine reports); tools outside the enforcer's schema subset are then not enforced.
+
+    `generate(prompts, tools, ...)` is the token-level form (multi-turn RL, kimi_jax.agentic.rl): many prompts
+    in one engine run, each giving the engine's SampleOutput (token ids, their logprobs, finish reason)."""
 
     def __init__(self, engine, tokenizer, *, max_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, enforce: bool = False):
@@ -179,33 +196,56 @@ class EngineBackend:
         self.enforce = enforce
 
     def _enforcer(self, messages: Sequence[Message], tools: Sequence[dict] | None):
+        earlier = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+        return self._enforcer_at(tools, earlier)
+
+    def _enforcer_at(self, tools: Sequence[dict] | None, first_call_index: int):
         if not (self.enforce and tools):
             return None
         from kimi_jax.serve.enforcer import ToolCallEnforcer
 
-        earlier = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
         try:
-            return ToolCallEnforcer(list(tools), self.tokenizer, first_call_index=earlier)
+            return ToolCallEnforcer(list(tools), self.tokenizer, first_call_index=first_call_index)
         except (ValueError, TypeError, KeyError):
             return None
 
-    def chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None, **sampling) -> Message:
+    def generate(self, prompts: Sequence[Sequence[int]], tools: Sequence[Sequence[dict] | None], *,
+                 first_call_indices: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
+                 **sampling) -> list:
+        """One sample per prompt (token ids), all queued before one engine run -> [SampleOutput] in order.
+        tools[i]: the tools offered to prompt i (the enforcer's grammar when enforce); first_call_indices[i]: the
+        calls earlier in its dialogue (the enforcer's first call id; default 0); seeds[i] overrides the seed."""
         from kimi_jax.serve.engine import Request, RequestError
 
         params = {**self.defaults, **{k: v for k, v in sampling.items() if k in self.defaults and v is not None}}
+        first_call_indices = first_call_indices or [0] * len(prompts)
+        rids = []
+        try:
+            for i, (prompt, offered) in enumerate(zip(prompts, tools, strict=True)):
+                seed = params["seed"] if seeds is None else int(seeds[i])
+                rids.append(self.engine.add_request(Request(
+                    list(prompt), stop_token_ids=self.stop_ids,
+                    enforcer=self._enforcer_at(offered, first_call_indices[i]), **{**params, "seed": seed})))
+        except RequestError as e:
+            for rid in rids:
+                self.engine.abort(rid)
+                self.engine.discard(rid)
+            raise BackendError(f"engine refused the request: {e}", 400, 1) from e
+        results = self.engine.run()
+        out = [results[rid].samples[0] for rid in rids]
+        for rid in rids:
+            self.engine.discard(rid)
+        return out
+
+    def reply(self, tokens: Sequence[int], tools: Sequence[dict] | None) -> Message:
+        return reply_message(self.tokenizer, tokens, self.stop_ids, tools)
+
+    def chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None, **sampling) -> Message:
         ids, _ = self._chat.encode(self.tokenizer, list(messages), list(tools) if tools else None,
                                    add_generation_prompt=True)
-        try:
-            rid = self.engine.add_request(Request(ids, stop_token_ids=self.stop_ids,
-                                                  enforcer=self._enforcer(messages, tools), **params))
-        except RequestError as e:
-            raise BackendError(f"engine refused the request: {e}", 400, 1) from e
-        tokens = self.engine.run()[rid].samples[0].tokens
-        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids])
-        parsed = self._chat.parse_assistant(text, tools)
-        if parsed.ok and parsed.tool_calls:
-            return {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.tool_calls}
-        return {"role": "assistant", "content": text}
+        earlier = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+        sample = self.generate([ids], [tools], first_call_indices=[earlier], **sampling)[0]
+        return self.reply(sample.tokens, tools)
 
 
 class ScriptedBackend:
