@@ -40,6 +40,7 @@ sampled token (the engine reports the unconstrained policy), so the loss's log r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -262,7 +263,7 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
     """Means over episodes of episode_metrics (success_rate, ... ), plus malformed_call_rate = malformed calls /
     calls attempted (executed calls + parse errors, over all episodes; None when nothing was attempted),
     turns_with_errors (share of turns with a
-    parse error), rendered_as_sampled (share of turns whose sampled ids are the template's rendering) and
+    parse error), error_kinds (parse errors by ChatParseError kind), rendered_as_sampled (share of turns whose sampled ids are the template's rendering) and
     context_cut (share of episodes stopped at max_len)."""
     rows = [episode_metrics(e) for e in episodes]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
@@ -275,6 +276,8 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
             "turns_with_errors": float(np.mean([turn["errors"] > 0 for turn in turns])) if turns else 0.0,
             "rendered_as_sampled": float(np.mean([turn["rendered_as_sampled"] for turn in turns])) if turns else 0.0,
             "context_cut": float(np.mean([e.cut is not None for e in episodes])) if episodes else 0.0,
+            "error_kinds": dict(sorted(collections.Counter(x["kind"] for e in episodes
+                                                           for x in e.trajectory.errors).items())),
             **{k: v for k, v in mean.items() if k not in ("success", "judge_pass", "calls", "malformed")}}
 
 
