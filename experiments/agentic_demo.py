@@ -1,4 +1,4 @@
-"""The agentic demonstration end to end on the tiny preset, sized for a few CPU cores (~20 minutes):
+"""The agentic demonstration end to end on the tiny preset, sized for CPU (15 minutes on 2 shared cores):
 
   (a) synthesise trajectories in the files environment with the scripted solver, wrong on purpose at
       --error_rate per turn, judged (rule checks + the scripted judge), the kept ones written as SFT shards;
@@ -129,7 +129,8 @@ def agent_config(args, init_workdir: str = "") -> ml_collections.ConfigDict:
     r.samples_per_prompt, r.temperature, r.seq_len = args.rl_samples, 1.0, args.seq_len
     r.max_slots, r.page_size, r.prefill_chunk, r.prefill_batch, r.decode_steps = 16, 16, 256, 4, 8
     r.num_pages = r.max_slots * (args.seq_len // r.page_size + 1) + 8
-    c.agentic = ml_collections.ConfigDict({"max_tokens": args.max_tokens, "enforce": args.rl_enforce, "reward": args.rl_reward,
+    c.agentic = ml_collections.ConfigDict({"max_tokens": args.max_tokens, "enforce": args.rl_enforce,
+                                           "reward": args.rl_reward,
                                            "eval_temperature": args.eval_temperature})
     return c
 
@@ -170,15 +171,18 @@ def markdown(results: dict, reading: str) -> str:
              f"- Synthesis: {a['tasks']} tasks (seed {s['seed']}), scripted solver with error_rate {s['error_rate']}, "
              f"max_turns {s['max_turns']}; rule checks + scripted judge.",
              f"- Held-out evaluation: {s['eval_tasks']} tasks of task seed {s['seed'] + 1} (not used in synthesis or "
-             f"RL), one episode each at temperature {s['eval_temperature']}, at most {s['max_turns']} assistant turns of at most {s['max_tokens']} "
+             f"RL), one episode each at temperature {s['eval_temperature']}, at most {s['max_turns']} assistant "
+             f"turns of at most {s['max_tokens']} "
              f"tokens, dialogue re-rendered every turn as the server does; with and without the tool-call enforcer.",
              f"- SFT: tiny preset (kimi_jax.config.tiny, {results['params']:,} parameters), "
              f"`train(config, workdir)` with data.source=\"sft\", seq_len {s['sft_seq_len']}, batch {s['sft_batch']}, "
              f"{s['sft_steps']} steps, lr {s['sft_lr']} (WSD), MuonClip, one conversation per row "
              f"(split_documents=False).",
-             f"- RL: {s['rl_iterations']} iterations x {s['rl_tasks']} training tasks (the synthesis tasks, in order) x "
+             f"- RL: {s['rl_iterations']} iterations x {s['rl_tasks']} training tasks (the synthesis tasks, in "
+             f"order) x "
              f"{s['rl_samples']} episodes "
-             f"(temperature 1, enforcer {'on' if s['rl_enforce'] else 'off'}), reward \"{s['rl_reward']}\", K2's loss (tau 0.01), MuonClip lr "
+             f"(temperature 1, enforcer {'on' if s['rl_enforce'] else 'off'}), reward \"{s['rl_reward']}\", "
+             f"K2's loss (tau 0.01), MuonClip lr "
              f"{s['rl_lr']}, episode sequences of at most {s['seq_len']} tokens.", "",
              "## Synthesis (judge)", "",
              f"kept {a['kept']}, rejected {a['rejected']}; rejections by reason (a trajectory counts once per kind): "
@@ -208,7 +212,8 @@ def markdown(results: dict, reading: str) -> str:
     if results.get("sft"):
         curve = results["sft"]["loss_curve"]
         lines += ["## SFT", "", "loss (assistant tokens, nats/token) by step: "
-                  + ", ".join(f"{step}: {loss:.3f}" for step, loss in curve) + f" ({results['sft']['wall_s']:.0f} s)", ""]
+                  + ", ".join(f"{step}: {loss:.3f}" for step, loss in curve)
+                  + f" ({results['sft']['wall_s']:.0f} s)", ""]
     if results.get("rl"):
         lines += ["## RL iterations", "", "Training rollouts (temperature 1). reward: the mean of the batch's rewards; "
                   "kl_to_old: KL(pi_old || pi) on the batch before the update (0: the engine's logprobs are the "

@@ -260,11 +260,11 @@ def episode_metrics(episode: Episode) -> dict[str, float]:
 
 
 def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
-    """Means over episodes of episode_metrics (success_rate, ... ), plus malformed_call_rate = malformed calls /
+    """Means over episodes of episode_metrics (success_rate, ...), plus malformed_call_rate = malformed calls /
     calls attempted (executed calls + parse errors, over all episodes; None when nothing was attempted),
-    turns_with_errors (share of turns with a
-    parse error), error_kinds (parse errors by ChatParseError kind), rendered_as_sampled (share of turns whose sampled ids are the template's rendering) and
-    context_cut (share of episodes stopped at max_len)."""
+    turns_with_errors (share of turns with a parse error), error_kinds (parse errors by ChatParseError kind),
+    rendered_as_sampled (share of turns whose sampled ids are the template's rendering) and context_cut (share
+    of episodes stopped at max_len)."""
     rows = [episode_metrics(e) for e in episodes]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
     calls, malformed = sum(r["calls"] for r in rows), sum(r["malformed"] for r in rows)
@@ -398,7 +398,8 @@ class AgenticRL:
         step_metrics = {key: np.asarray(v).item() for key, v in jax.device_get(step_metrics).items()}
         train_s = time.perf_counter() - start
         self.version += 1
-        metrics = {**step_metrics, "reward": float(rewards.mean()), "reward_std_within_task": float(rewards.std(1).mean()),
+        metrics = {**step_metrics, "reward": float(rewards.mean()),
+                   "reward_std_within_task": float(rewards.std(1).mean()),
                    **{f"rollout_{key}": v for key, v in summarize(episodes).items()},
                    "masked_tokens": int(batch["mask"].sum()), "rollout_s": rollout_s, "train_s": train_s,
                    "sync_s": self.last_sync_s}
