@@ -403,7 +403,7 @@ def test_a_section_opened_mid_call_is_constrained_from_the_next_token(model):
         if begin < 253 and begin not in greedy[:2] + prompt and greedy[3] != TOK.token_to_id(B):
             break
     else:
-        pytest.skip("no prompt whose greedy continuation suits the test")
+        pytest.fail("no prompt among 20 whose greedy continuation opens a section at its 3rd token (the model or seeds changed)")
     tok = SwappedTokenizer(begin)
     enforcer = ToolCallEnforcer(ENGINE_TOOLS, tok, config=ENGINE_CFG)
     engine = make_engine(model, decode_steps=8)
